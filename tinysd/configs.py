@@ -102,7 +102,7 @@ class ModelConfig:
 SD15 = ModelConfig("sd1", (CLIPConfig(),), UNetConfig(), VAEConfig())
 SD2 = ModelConfig("sd2", (CLIPConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"),),
                   UNetConfig(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True, sample_size=96),
-                  VAEConfig(sample_size=768), SchedulerConfig(prediction_type="v_prediction"), pad_token_ids=(0,), clip_skip_penultimate=(True,))
+                  VAEConfig(sample_size=768), SchedulerConfig(prediction_type="v_prediction"), pad_token_ids=(0,), clip_skip_penultimate=(False,))  # SD2: 23-layer tower, final LN
 SDXL = ModelConfig("sdxl", (CLIPConfig(), CLIPConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                                                      hidden_act="gelu", projection_dim=1280)),
                    UNetConfig(block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",)*2,

@@ -1,0 +1,177 @@
+# txt2img / img2img / inpaint on top of the tokenizer, models, samplers and checkpoint reader. CFG and per-shape JIT live here.
+from __future__ import annotations
+import time
+import numpy as np
+from PIL import Image
+from tinygrad import Tensor, TinyJit, Device, dtypes
+from tinygrad.helpers import tqdm
+from tinysd import samplers
+from tinysd.configs import ModelConfig
+from tinysd.tokenizer import CLIPTokenizer
+from tinysd.models.clip import CLIPTextModel
+from tinysd.models.unet import UNet2DConditionModel
+from tinysd.models.vae import AutoencoderKL
+
+MAX_SIDE = 4096   # pixels; beyond this the activations alone exceed any machine we target
+
+class InputError(ValueError):
+  """Bad user input (sizes, steps, guidance, images): the CLI prints it as one line and exits 2."""
+
+def check_generation_args(width:int, height:int, steps:int, guidance_scale:float, sampler:str, batch_size:int=1):
+  for name, v in (("width", width), ("height", height)):
+    if v % 8 != 0 or v <= 0: raise InputError(f"{name} must be a positive multiple of 8, got {v}")
+    if v > MAX_SIDE: raise InputError(f"{name} {v} is too large (max {MAX_SIDE})")
+  if steps < 1: raise InputError(f"steps must be >= 1, got {steps}")
+  if not guidance_scale >= 0: raise InputError(f"guidance scale must be >= 0, got {guidance_scale}")
+  if batch_size < 1: raise InputError(f"batch size must be >= 1, got {batch_size}")
+  if sampler not in samplers.SAMPLERS: raise InputError(f"unknown sampler '{sampler}'; choose from: {', '.join(samplers.SAMPLERS)}")
+
+def seeded_noise(seed:int, n:int, shape:tuple[int, ...]) -> np.ndarray:
+  # one generator per image (seed+i) so image i of a batch can be reproduced alone, on any backend
+  return np.stack([np.random.default_rng(seed + i).standard_normal(shape, dtype=np.float32) for i in range(n)])
+
+def to_pil(images:np.ndarray) -> list[Image.Image]:
+  return [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in images]
+
+class StableDiffusion:
+  def __init__(self, config:ModelConfig, tokenizers:list[CLIPTokenizer], text_encoders:list[CLIPTextModel], unet:UNet2DConditionModel,
+               vae:AutoencoderKL, dtype=dtypes.float32, device:str|None=None):
+    self.config, self.tokenizers, self.text_encoders, self.unet, self.vae = config, tokenizers, text_encoders, unet, vae
+    self.dtype, self.device = dtype, device or Device.DEFAULT
+    self.last_truncated: list[int] = []   # tokens dropped per prompt by the last encode_prompt (the CLI warns about it)
+    self._jits: dict[tuple, TinyJit] = {}
+
+  @property
+  def tokenizer(self) -> CLIPTokenizer: return self.tokenizers[0]
+  @property
+  def text_encoder(self) -> CLIPTextModel: return self.text_encoders[0]
+
+  # ** conditioning
+
+  def encode_prompt(self, prompts:list[str]|str) -> Tensor:
+    return self._encode(prompts)[0]
+
+  def _encode(self, prompts:list[str]|str) -> tuple[Tensor, Tensor|None]:
+    """(context (B,77,D), pooled text embeds for SDXL or None)"""
+    if isinstance(prompts, str): prompts = [prompts]
+    ctxs, pooled, dropped = [], None, [0]*len(prompts)
+    for tok, te, penultimate in zip(self.tokenizers, self.text_encoders, self.config.clip_skip_penultimate):
+      ids, drop = tok.tokenize(prompts)
+      dropped = [max(a, b) for a, b in zip(dropped, drop)]
+      out = te(Tensor(np.array(ids, dtype=np.int32), device=self.device))
+      ctxs.append(out.penultimate_hidden_state if penultimate else out.last_hidden_state)
+      if getattr(out, "text_embeds", None) is not None: pooled = out.text_embeds
+    self.last_truncated = dropped
+    ctx = ctxs[0] if len(ctxs) == 1 else Tensor.cat(*ctxs, dim=-1)
+    return ctx.cast(self.dtype).realize(), None if pooled is None else pooled.cast(self.dtype).realize()
+
+  # ** denoising
+
+  def _step_fn(self, cfg:bool):
+    def step(x:Tensor, t:Tensor, ctx:Tensor, g:Tensor, extra:Tensor|None, text_embeds:Tensor|None, time_ids:Tensor|None) -> Tensor:
+      inp = x if extra is None else x.cat(extra, dim=1)   # 9-channel inpainting UNets take [latents, mask, masked-image latents]
+      kw = {} if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+      if not cfg: return self.unet(inp.cast(self.dtype), t, ctx, **kw).float().realize()
+      out = self.unet(inp.cat(inp).cast(self.dtype), t, ctx, **kw).float()
+      uncond, cond = out.chunk(2)
+      return (uncond + g * (cond - uncond)).realize()
+    return step
+
+  def denoiser(self, ctx:Tensor, guidance_scale:float, extra:np.ndarray|None=None, text_embeds:Tensor|None=None, time_ids:Tensor|None=None):
+    """model(x, t) for the samplers: numpy in, numpy out; CFG batched as [uncond, cond] and skipped when guidance is 1."""
+    cfg = guidance_scale != 1.0
+    g = Tensor([guidance_scale], dtype=dtypes.float32, device=self.device).realize()
+    ex = None if extra is None else Tensor(extra.astype(np.float32), device=self.device).realize()
+    def model(x:np.ndarray, t:float) -> np.ndarray:
+      key = (x.shape, cfg, ctx.shape, None if ex is None else ex.shape, text_embeds is not None)
+      if (jit := self._jits.get(key)) is None: jit = self._jits[key] = TinyJit(self._step_fn(cfg))
+      xt = Tensor(x.astype(np.float32), device=self.device).realize()
+      tt = Tensor([float(t)], dtype=dtypes.float32, device=self.device).realize()
+      return jit(xt, tt, ctx, g, ex, text_embeds, time_ids).numpy()
+    return model
+
+  def _conditioning(self, prompt, negative_prompt, batch_size:int, guidance_scale:float, width:int, height:int):
+    prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+    negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    cfg = guidance_scale != 1.0
+    ctx, pooled = self._encode(negs + prompts if cfg else prompts)
+    time_ids = None
+    if pooled is not None:   # SDXL micro-conditioning: original size, crop top-left, target size
+      time_ids = Tensor([[height, width, 0, 0, height, width]] * pooled.shape[0], dtype=dtypes.float32, device=self.device).cast(self.dtype).realize()
+    return prompts, ctx, pooled, time_ids
+
+  def _run(self, model, x:np.ndarray, steps:int, sampler:str, seed:int, start:int=0, progress:bool=False, blend=None) -> np.ndarray:
+    rng = np.random.default_rng(seed + 1_000_003)   # ancestral noise stream, separate from x_T's
+    gen = samplers.sample(sampler, model, x, steps, self.config.scheduler, noise=lambda shape: rng.standard_normal(shape, dtype=np.float32), start=start)
+    bar = tqdm(total=steps - start, desc="sampling", disable=not progress, unit="it")
+    for i, x in enumerate(gen):
+      if blend is not None: x = blend(start + i, x)
+      bar.update(1)
+    bar.close()
+    return x
+
+  def decode(self, latents:np.ndarray) -> np.ndarray:
+    z = Tensor(latents.astype(np.float32), device=self.device) / self.vae.scaling_factor
+    img = self.vae.decode(z.cast(self.dtype)).float()
+    return ((img + 1) / 2).clip(0, 1).permute(0, 2, 3, 1).numpy()
+
+  def txt2img(self, prompt, negative_prompt="", steps=20, guidance_scale=7.5, width=512, height=512, seed=0, sampler="plms", batch_size=1,
+              latents=None, output_type="pil", progress=False):
+    check_generation_args(width, height, steps, guidance_scale, sampler, batch_size)
+    prompts, ctx, pooled, time_ids = self._conditioning(prompt, negative_prompt, batch_size, guidance_scale, width, height)
+    shape = (self.unet_latent_channels, height // 8, width // 8)
+    x = np.asarray(latents, dtype=np.float32) if latents is not None else seeded_noise(seed, len(prompts), shape)
+    if x.shape != (len(prompts),) + shape: raise InputError(f"latents must have shape {(len(prompts),) + shape}, got {x.shape}")
+    model = self.denoiser(ctx, guidance_scale, text_embeds=pooled, time_ids=time_ids)
+    x = self._run(model, x, steps, sampler, seed, progress=progress)
+    images = self.decode(x)
+    return images if output_type == "np" else to_pil(images)
+
+  @property
+  def unet_latent_channels(self) -> int: return self.config.unet.out_channels
+
+# ** construction
+
+DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16}
+
+def parse_dtype(dtype) -> "dtypes.DType":
+  if not isinstance(dtype, str): return dtype
+  if dtype not in DTYPES: raise InputError(f"unknown dtype '{dtype}'; choose from: {', '.join(DTYPES)}")
+  return DTYPES[dtype]
+
+def build(config:ModelConfig, dtype="float32", device:str|None=None, tokenizers:list[CLIPTokenizer]|None=None) -> StableDiffusion:
+  """Models with tinygrad's (lazy) random init; load() replaces every parameter with checkpoint data before anything is realised."""
+  toks = tokenizers or [CLIPTokenizer(pad_token_id=p) for p in config.pad_token_ids]
+  return StableDiffusion(config, toks, [CLIPTextModel(c) for c in config.text_encoders], UNet2DConditionModel(config.unet), AutoencoderKL(config.vae),
+                         parse_dtype(dtype), device)
+
+def components(pipe:StableDiffusion) -> dict:
+  return {"unet": pipe.unet, "vae": pipe.vae, **{("text_encoder" if i == 0 else f"text_encoder_{i+1}"): te for i, te in enumerate(pipe.text_encoders)}}
+
+def place(pipe:StableDiffusion) -> list[Tensor]:
+  """Cast every float parameter to the pipeline dtype and move it to its device, lazily; returns the parameters to realise."""
+  from tinygrad.nn.state import get_parameters
+  params = get_parameters(components(pipe))
+  for p in params:
+    if dtypes.is_float(p.dtype) and p.dtype != pipe.dtype: p.replace(p.cast(pipe.dtype))
+    if p.device != pipe.device: p.replace(p.to(pipe.device))
+  return params
+
+def random_pipeline(config:ModelConfig, dtype="float32", device:str|None=None) -> StableDiffusion:
+  pipe = build(config, dtype, device)
+  Tensor.realize(*place(pipe))
+  return pipe
+
+def load(path, dtype="float32", device:str|None=None, config=None) -> StableDiffusion:
+  """A pipeline from a single-file .safetensors (CompVis/A1111 layout) or a diffusers folder; weights are read once, lazily, in the given dtype."""
+  from tinygrad.nn.state import load_state_dict
+  from tinysd.checkpoint import read_checkpoint, CheckpointError
+  ck = read_checkpoint(path, dtype=str(parse_dtype(dtype).name) if not isinstance(dtype, str) else dtype, config=config)
+  toks = [CLIPTokenizer.from_folder(d) if d is not None else CLIPTokenizer(pad_token_id=p)
+          for d, p in zip(ck.tokenizer_dirs, ck.config.pad_token_ids)] if ck.tokenizer_dirs else None
+  pipe = build(ck.config, dtype, device, toks)
+  for name, model in components(pipe).items():
+    try: load_state_dict(model, ck.state_dicts[name], strict=True, verbose=False, realize=False)
+    except (KeyError, ValueError) as e: raise CheckpointError(f"{name}: {e}") from None
+  Tensor.realize(*place(pipe))
+  return pipe
