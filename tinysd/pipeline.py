@@ -100,9 +100,11 @@ class StableDiffusion:
       time_ids = Tensor([[height, width, 0, 0, height, width]] * pooled.shape[0], dtype=dtypes.float32, device=self.device).cast(self.dtype).realize()
     return prompts, ctx, pooled, time_ids
 
-  def _run(self, model, x:np.ndarray, steps:int, sampler:str, seed:int, start:int=0, progress:bool=False, blend=None) -> np.ndarray:
-    rng = np.random.default_rng(seed + 1_000_003)   # ancestral noise stream, separate from x_T's
-    gen = samplers.sample(sampler, model, x, steps, self.config.scheduler, noise=lambda shape: rng.standard_normal(shape, dtype=np.float32), start=start)
+  def _run(self, model, x:np.ndarray, steps:int, sampler:str, seed:int, start:int=0, progress:bool=False, blend=None, ancestral_noise=None) -> np.ndarray:
+    if ancestral_noise is None:
+      rng = np.random.default_rng(seed + 1_000_003)   # ancestral noise stream, separate from x_T's
+      ancestral_noise = lambda shape: rng.standard_normal(shape, dtype=np.float32)
+    gen = samplers.sample(sampler, model, x, steps, self.config.scheduler, noise=ancestral_noise, start=start)
     bar = tqdm(total=steps - start, desc="sampling", disable=not progress, unit="it")
     for i, x in enumerate(gen):
       if blend is not None: x = blend(start + i, x)
@@ -116,19 +118,20 @@ class StableDiffusion:
     return ((img + 1) / 2).clip(0, 1).permute(0, 2, 3, 1).numpy()
 
   def txt2img(self, prompt, negative_prompt="", steps=20, guidance_scale=7.5, width=512, height=512, seed=0, sampler="plms", batch_size=1,
-              latents=None, output_type="pil", progress=False):
+              latents=None, output_type="pil", progress=False, ancestral_noise=None):
+    """`latents`: unit-variance x_T (B,4,H/8,W/8) as diffusers' `latents=`; `ancestral_noise(shape)`: replaces the seeded noise of stochastic samplers."""
     check_generation_args(width, height, steps, guidance_scale, sampler, batch_size)
     prompts, ctx, pooled, time_ids = self._conditioning(prompt, negative_prompt, batch_size, guidance_scale, width, height)
-    shape = (self.unet_latent_channels, height // 8, width // 8)
+    shape = (self.config.unet.out_channels, height // self.vae_scale, width // self.vae_scale)
     x = np.asarray(latents, dtype=np.float32) if latents is not None else seeded_noise(seed, len(prompts), shape)
     if x.shape != (len(prompts),) + shape: raise InputError(f"latents must have shape {(len(prompts),) + shape}, got {x.shape}")
     model = self.denoiser(ctx, guidance_scale, text_embeds=pooled, time_ids=time_ids)
-    x = self._run(model, x, steps, sampler, seed, progress=progress)
+    x = self._run(model, x, steps, sampler, seed, progress=progress, ancestral_noise=ancestral_noise)
     images = self.decode(x)
     return images if output_type == "np" else to_pil(images)
 
   @property
-  def unet_latent_channels(self) -> int: return self.config.unet.out_channels
+  def vae_scale(self) -> int: return 2 ** (len(self.config.vae.block_out_channels) - 1)   # 8 for every real SD VAE
 
 # ** construction
 

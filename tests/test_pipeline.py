@@ -1,0 +1,73 @@
+# End-to-end txt2img parity with diffusers' StableDiffusionPipeline: same tiny random weights, same x_T, same ancestral noise.
+import numpy as np, pytest, torch
+from fixtures import make_tiny_pipeline_folder
+import tinysd
+
+STEPS, SIZE = 5, 64
+SCHEDULERS = {  # tinysd sampler -> (diffusers scheduler class name, extra config)
+  "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+  "ddim": ("DDIMScheduler", {}),
+  "euler": ("EulerDiscreteScheduler", {}),
+  "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+  "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+  "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return make_tiny_pipeline_folder(tmp_path_factory.mktemp("sd1"), family="sd1")
+
+@pytest.fixture(scope="module")
+def pipes(folder):
+  import diffusers
+  ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False, local_files_only=True)
+  ref.set_progress_bar_config(disable=True)
+  return ref, tinysd.load(folder)
+
+def reference(ref, sampler, x_T, prompt, negative, guidance, seed):
+  import diffusers
+  cls, extra = SCHEDULERS[sampler]
+  ref.scheduler = getattr(diffusers, cls).from_config(ref.scheduler.config, **extra)
+  g = torch.Generator().manual_seed(seed)
+  return ref(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance, height=SIZE, width=SIZE,
+             latents=torch.from_numpy(x_T), generator=g, output_type="np").images
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+def test_txt2img_matches_diffusers(pipes, sampler):
+  ref, pipe = pipes
+  lat = SIZE // pipe.vae_scale
+  x_T = np.random.default_rng(1).standard_normal((2, 4, lat, lat), dtype=np.float32)
+  prompts, negative, guidance = ["a photo of a cat", "a red lighthouse at dusk, oil painting"], "blurry", 7.5
+  want = reference(ref, sampler, x_T, prompts, negative, guidance, seed=3)
+  # chaotic random-weight models: measure how far the reference itself moves for a 1e-6 relative change of x_T
+  moved = np.abs(reference(ref, sampler, x_T * (1 + 1e-6), prompts, negative, guidance, seed=3) - want).max()
+  bound = 2e-3 if moved <= 4e-4 else 5 * moved
+  g = torch.Generator().manual_seed(3)   # the same draws diffusers' scheduler makes for ancestral steps
+  got = pipe.txt2img(prompts, negative_prompt=negative, steps=STEPS, guidance_scale=guidance, width=SIZE, height=SIZE, sampler=sampler,
+                     latents=x_T, output_type="np", ancestral_noise=lambda shape: torch.randn(shape, generator=g).numpy())
+  assert got.shape == want.shape == (2, SIZE, SIZE, 3)
+  err = np.abs(got - want).max()
+  assert err <= bound, f"{sampler}: max abs {err:.2e} > bound {bound:.2e} (reference moved {moved:.2e})"
+
+def test_no_cfg_and_seed_reproducible(pipes):
+  _, pipe = pipes
+  a = pipe.txt2img("a cat", steps=2, guidance_scale=1.0, width=SIZE, height=SIZE, seed=7, sampler="euler_a", output_type="np")
+  b = pipe.txt2img("a cat", steps=2, guidance_scale=1.0, width=SIZE, height=SIZE, seed=7, sampler="euler_a", output_type="np")
+  c = pipe.txt2img("a cat", steps=2, guidance_scale=1.0, width=SIZE, height=SIZE, seed=8, sampler="euler_a", output_type="np")
+  assert np.array_equal(a, b) and not np.array_equal(a, c)
+  assert a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+
+def test_guidance_one_matches_diffusers(pipes):
+  ref, pipe = pipes
+  lat = SIZE // pipe.vae_scale
+  x_T = np.random.default_rng(2).standard_normal((1, 4, lat, lat), dtype=np.float32)
+  want = reference(ref, "ddim", x_T, ["a cat"], "", 1.0, seed=0)
+  got = pipe.txt2img("a cat", steps=STEPS, guidance_scale=1.0, width=SIZE, height=SIZE, sampler="ddim", latents=x_T, output_type="np")
+  assert np.abs(got - want).max() <= 2e-3
+
+def test_pil_output_and_bad_sizes(pipes):
+  _, pipe = pipes
+  ims = pipe.txt2img("a cat", steps=1, width=SIZE, height=SIZE + 8, batch_size=2, seed=1)
+  assert len(ims) == 2 and ims[0].size == (SIZE, SIZE + 8) and ims[0].mode == "RGB"
+  with pytest.raises(ValueError, match="multiple of 8"): pipe.txt2img("a cat", steps=1, width=60, height=64)
+  with pytest.raises(ValueError, match="unknown sampler"): pipe.txt2img("a cat", steps=1, width=64, height=64, sampler="heun++")
