@@ -93,6 +93,28 @@ def cmd_txt2img(a) -> int:
   print(f"done in {time.perf_counter()-t0:.1f} s", file=sys.stderr)
   return 0
 
+def cmd_img2img(a, inpaint=False) -> int:
+  import tinysd
+  from tinysd.pipeline import check_generation_args, check_strength
+  from tinysd.images import load_image, inpaint_mask
+  check_strength(a.strength)
+  init = load_image(a.image)
+  h, w = init.shape[:2]
+  check_generation_args(w, h, a.steps, a.guidance, a.sampler, a.batch)
+  mask = inpaint_mask(a.image, a.mask, (w, h)) if inpaint else None
+  paths = output_paths(a.output, a.batch)
+  seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+  pipe = tinysd.load(resolve_model(a.model), dtype=a.dtype)
+  kw = dict(negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps, guidance_scale=a.guidance, seed=seed, sampler=a.sampler,
+            batch_size=a.batch, progress=True)
+  images = pipe.inpaint(a.prompt, init, mask, **kw) if inpaint else pipe.img2img(a.prompt, init, **kw)
+  _warn_truncated(pipe)
+  for i, (im, p) in enumerate(zip(images, paths)):
+    extra = {"Denoising strength": a.strength} | ({"Mask": "yes"} if inpaint else {})
+    save_png_atomic(im, p, a1111_parameters(a.prompt, a.negative_prompt, a.steps, a.sampler, a.guidance, seed + i, w, h, a.model, **extra))
+    print(f"wrote {p}")
+  return 0
+
 def _warn_truncated(pipe):
   if (n := max(pipe.last_truncated, default=0)) > 0:
     print(f"tinysd: warning: prompt is longer than 77 tokens; {n} tokens were dropped", file=sys.stderr)
@@ -117,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="tinysd", description="Stable Diffusion on tinygrad")
   sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
   s = sub.add_parser("txt2img", help="generate images from a prompt"); _common(s); s.set_defaults(func=cmd_txt2img)
+  s = sub.add_parser("img2img", help="re-imagine an init image"); _common(s, image=True); s.set_defaults(func=cmd_img2img)
+  s = sub.add_parser("inpaint", help="repaint the masked part of an image"); _common(s, image=True, mask=True)
+  s.set_defaults(func=lambda a: cmd_img2img(a, inpaint=True), strength=1.0)
   s = sub.add_parser("info", help="family, dtype, parameter counts and layout of a checkpoint")
   s.add_argument("model"); s.set_defaults(func=cmd_info)
   s = sub.add_parser("convert", help="convert between a diffusers folder and a single-file .safetensors (CompVis layout)")

@@ -26,6 +26,9 @@ def check_generation_args(width:int, height:int, steps:int, guidance_scale:float
   if batch_size < 1: raise InputError(f"batch size must be >= 1, got {batch_size}")
   if sampler not in samplers.SAMPLERS: raise InputError(f"unknown sampler '{sampler}'; choose from: {', '.join(samplers.SAMPLERS)}")
 
+def check_strength(strength:float):
+  if not 0 <= strength <= 1: raise InputError(f"strength must be in [0, 1], got {strength}")
+
 def seeded_noise(seed:int, n:int, shape:tuple[int, ...]) -> np.ndarray:
   # one generator per image (seed+i) so image i of a batch can be reproduced alone, on any backend
   return np.stack([np.random.default_rng(seed + i).standard_normal(shape, dtype=np.float32) for i in range(n)])
@@ -100,14 +103,16 @@ class StableDiffusion:
       time_ids = Tensor([[height, width, 0, 0, height, width]] * pooled.shape[0], dtype=dtypes.float32, device=self.device).cast(self.dtype).realize()
     return prompts, ctx, pooled, time_ids
 
-  def _run(self, model, x:np.ndarray, steps:int, sampler:str, seed:int, start:int=0, progress:bool=False, blend=None, ancestral_noise=None) -> np.ndarray:
+  def _run(self, model, x:np.ndarray, steps:int, sampler:str, seed:int, start:int=0, progress:bool=False, blend=None, ancestral_noise=None,
+           sched=None) -> np.ndarray:
     if ancestral_noise is None:
       rng = np.random.default_rng(seed + 1_000_003)   # ancestral noise stream, separate from x_T's
       ancestral_noise = lambda shape: rng.standard_normal(shape, dtype=np.float32)
-    gen = samplers.sample(sampler, model, x, steps, self.config.scheduler, noise=ancestral_noise, start=start)
-    bar = tqdm(total=steps - start, desc="sampling", disable=not progress, unit="it")
-    for i, x in enumerate(gen):
-      if blend is not None: x = blend(start + i, x)
+    sched = sched or samplers.schedule(sampler, steps, self.config.scheduler)
+    calls = len(sched.timesteps) - start               # PLMS makes one more model call than steps
+    bar = tqdm(total=calls, desc="sampling", disable=not progress, unit="it")
+    for i, x in enumerate(samplers.SAMPLERS[sampler](model, x, sched, noise=ancestral_noise, start=start)):
+      if blend is not None: x = blend(start + i + 1, x)
       bar.update(1)
     bar.close()
     return x
@@ -127,6 +132,69 @@ class StableDiffusion:
     if x.shape != (len(prompts),) + shape: raise InputError(f"latents must have shape {(len(prompts),) + shape}, got {x.shape}")
     model = self.denoiser(ctx, guidance_scale, text_embeds=pooled, time_ids=time_ids)
     x = self._run(model, x, steps, sampler, seed, progress=progress, ancestral_noise=ancestral_noise)
+    images = self.decode(x)
+    return images if output_type == "np" else to_pil(images)
+
+  def encode_image(self, images:np.ndarray, sample_noise:np.ndarray|None=None) -> np.ndarray:
+    """(B,H,W,3) in [0,1] -> scaled latents: the VAE posterior mean, or a posterior sample when `sample_noise` (latent-shaped) is given."""
+    x = Tensor(images.transpose(0, 3, 1, 2).astype(np.float32) * 2 - 1, device=self.device)
+    post = self.vae.encode(x.cast(self.dtype))
+    z = post.mean if sample_noise is None else post.sample(Tensor(sample_noise.astype(np.float32), device=self.device).cast(self.dtype))
+    return (z.float() * self.vae.scaling_factor).numpy()
+
+  def img2img(self, prompt, image, strength=0.75, negative_prompt="", steps=20, guidance_scale=7.5, sampler="ddim", seed=0, noise=None,
+              batch_size=1, output_type="pil", progress=False, ancestral_noise=None, sample_posterior=False):
+    """diffusers' strength semantics: skip the first (1-strength) of the schedule and noise the encoded image to that level. The init image
+    is encoded to the VAE posterior mean (sample_posterior=True draws from the posterior with the seed instead)."""
+    return self._edit(prompt, image, None, strength, negative_prompt, steps, guidance_scale, sampler, seed, noise, batch_size, output_type,
+                      progress, ancestral_noise, sample_posterior)
+
+  def inpaint(self, prompt, image, mask=None, strength=1.0, negative_prompt="", steps=20, guidance_scale=7.5, sampler="ddim", seed=0, noise=None,
+              batch_size=1, output_type="pil", progress=False, ancestral_noise=None, sample_posterior=False):
+    """Repaint where mask is 1 (white). 9-channel inpainting UNets get [latents, mask, masked-image latents]; ordinary UNets keep the
+    unmasked region by blending the noised init latents back in after every step (the CompVis/A1111 method). `mask`: PIL image, path or
+    (H,W) array; None takes the image's alpha channel or its pure green pixels."""
+    return self._edit(prompt, image, mask if mask is not None else image, strength, negative_prompt, steps, guidance_scale, sampler, seed, noise,
+                      batch_size, output_type, progress, ancestral_noise, sample_posterior, inpaint=True, explicit_mask=mask is not None)
+
+  def _edit(self, prompt, image, mask, strength, negative_prompt, steps, guidance_scale, sampler, seed, noise, batch_size, output_type, progress,
+            ancestral_noise, sample_posterior, inpaint=False, explicit_mask=True):
+    from tinysd.images import load_image, inpaint_mask
+    check_strength(strength)
+    init = image if isinstance(image, np.ndarray) and image.ndim == 3 and image.dtype == np.float32 else load_image(image)
+    h, w = init.shape[:2]
+    check_generation_args(w, h, steps, guidance_scale, sampler, batch_size)
+    m = inpaint_mask(image, mask if explicit_mask else None, (w, h)) if inpaint else None
+    prompts, ctx, pooled, time_ids = self._conditioning(prompt, negative_prompt, batch_size, guidance_scale, w, h)
+    n, s = len(prompts), self.vae_scale
+    lat_shape = (self.config.unet.out_channels, h // s, w // s)
+    noise = np.asarray(noise, dtype=np.float32) if noise is not None else seeded_noise(seed, n, lat_shape)
+    if noise.shape != (n,) + lat_shape: raise InputError(f"noise must have shape {(n,) + lat_shape}, got {noise.shape}")
+    post_noise = seeded_noise(seed + 2_000_003, n, lat_shape) if sample_posterior else None
+    sched = samplers.schedule(sampler, steps, self.config.scheduler)
+    start = samplers.start_for_strength(steps, strength)
+    nine = self.config.unet.in_channels == 9
+    x0 = None
+    if not (inpaint and nine and start == 0):   # a 9-channel UNet at full strength starts from pure noise and needs no image latents
+      x0 = np.repeat(self.encode_image(init[None], None if post_noise is None else post_noise[:1]), n, axis=0)
+    if start >= len(sched.timesteps):            # strength 0: nothing to denoise
+      images = self.decode(x0)
+      return images if output_type == "np" else to_pil(images)
+    x = noise if start == 0 else samplers.add_noise(x0, noise, sched, start)
+    extra, blend = None, None
+    if inpaint:
+      m_lat = np.broadcast_to(m[::s, ::s][None, None], (n, 1) + lat_shape[1:]).astype(np.float32)   # nearest, as diffusers' interpolate
+      if nine:
+        masked = init * (m < 0.5)[..., None]
+        mz = self.encode_image(masked[None], None if post_noise is None else post_noise[:1])
+        extra = np.concatenate([m_lat, np.repeat(mz, n, axis=0)], axis=1)
+      else:
+        if x0 is None: x0 = np.repeat(self.encode_image(init[None]), n, axis=0)
+        def blend(k, x):   # keep the known region on the noise level of the next step; the exact init latents after the last one
+          known = samplers.add_noise(x0, noise, sched, k) if k < len(sched.timesteps) else x0
+          return (1 - m_lat) * known + m_lat * x
+    model = self.denoiser(ctx, guidance_scale, extra=extra, text_embeds=pooled, time_ids=time_ids)
+    x = self._run(model, x, steps, sampler, seed, start=start, progress=progress, blend=blend, ancestral_noise=ancestral_noise, sched=sched)
     images = self.decode(x)
     return images if output_type == "np" else to_pil(images)
 
