@@ -2,7 +2,7 @@
 # OpenAI ViT-L/14 (SD1.x, SDXL #1), OpenCLIP ViT-H (SD2, 23 of 24 layers), OpenCLIP ViT-bigG (SDXL #2, with text_projection).
 from __future__ import annotations
 from typing import NamedTuple
-from tinygrad import Tensor, dtypes, nn
+from tinygrad import Tensor, nn
 from tinysd.configs import CLIPConfig
 
 class CLIPOutput(NamedTuple):
