@@ -210,11 +210,29 @@ def parse_dtype(dtype) -> "dtypes.DType":
   if dtype not in DTYPES: raise InputError(f"unknown dtype '{dtype}'; choose from: {', '.join(DTYPES)}")
   return DTYPES[dtype]
 
-def build(config:ModelConfig, dtype="float32", device:str|None=None, tokenizers:list[CLIPTokenizer]|None=None) -> StableDiffusion:
-  """Models with tinygrad's (lazy) random init; load() replaces every parameter with checkpoint data before anything is realised."""
+class _placeholder_init:
+  """tinygrad's layers build a random-init graph per weight (~40 ms of Python each, hundreds per UNet) that loading throws away:
+  while constructing, make those weights empty placeholders instead and remember them, so they can be filled or replaced."""
+  def __enter__(self):
+    self.made, self.orig = [], {n: Tensor.__dict__.get(n) for n in ("uniform", "glorot_uniform")}
+    def empty(*shape, **kw):
+      t = Tensor.empty(*(shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape), dtype=kw.get("dtype"), device=kw.get("device"))
+      self.made.append(t)
+      return t
+    Tensor.uniform = Tensor.glorot_uniform = staticmethod(empty)
+    return self
+  def __exit__(self, *exc):
+    for n, f in self.orig.items():
+      if f is None: delattr(Tensor, n)   # the originals live on a mixin base class
+      else: setattr(Tensor, n, f)
+
+def build(config:ModelConfig, dtype="float32", device:str|None=None, tokenizers:list[CLIPTokenizer]|None=None) -> tuple[StableDiffusion, list[Tensor]]:
+  """Models whose random-init weights are empty placeholders (returned too): load() or random_pipeline() fills every one before use."""
   toks = tokenizers or [CLIPTokenizer(pad_token_id=p) for p in config.pad_token_ids]
-  return StableDiffusion(config, toks, [CLIPTextModel(c) for c in config.text_encoders], UNet2DConditionModel(config.unet), AutoencoderKL(config.vae),
-                         parse_dtype(dtype), device)
+  with _placeholder_init() as init:
+    pipe = StableDiffusion(config, toks, [CLIPTextModel(c) for c in config.text_encoders], UNet2DConditionModel(config.unet),
+                           AutoencoderKL(config.vae), parse_dtype(dtype), device)
+  return pipe, init.made
 
 def components(pipe:StableDiffusion) -> dict:
   return {"unet": pipe.unet, "vae": pipe.vae, **{("text_encoder" if i == 0 else f"text_encoder_{i+1}"): te for i, te in enumerate(pipe.text_encoders)}}
@@ -228,8 +246,13 @@ def place(pipe:StableDiffusion) -> list[Tensor]:
     if p.device != pipe.device: p.replace(p.to(pipe.device))
   return params
 
-def random_pipeline(config:ModelConfig, dtype="float32", device:str|None=None) -> StableDiffusion:
-  pipe = build(config, dtype, device)
+def random_pipeline(config:ModelConfig, dtype="float32", device:str|None=None, seed:int=0) -> StableDiffusion:
+  """Real-size models with random weights (N(0, 1/fan_in): activations stay O(1)), for benchmarks: speed and memory do not depend on values."""
+  pipe, placeholders = build(config, dtype, device)
+  rng = np.random.default_rng(seed)
+  for p in placeholders:
+    fan_in = int(np.prod(p.shape[1:])) if len(p.shape) > 1 else 1
+    p.replace(Tensor(rng.standard_normal(p.shape, dtype=np.float32) * np.float32(fan_in ** -0.5 if len(p.shape) > 1 else 0.02)))
   Tensor.realize(*place(pipe))
   return pipe
 
@@ -240,7 +263,7 @@ def load(path, dtype="float32", device:str|None=None, config=None) -> StableDiff
   ck = read_checkpoint(path, dtype=str(parse_dtype(dtype).name) if not isinstance(dtype, str) else dtype, config=config)
   toks = [CLIPTokenizer.from_folder(d) if d is not None else CLIPTokenizer(pad_token_id=p)
           for d, p in zip(ck.tokenizer_dirs, ck.config.pad_token_ids)] if ck.tokenizer_dirs else None
-  pipe = build(ck.config, dtype, device, toks)
+  pipe, _ = build(ck.config, dtype, device, toks)
   for name, model in components(pipe).items():
     try: load_state_dict(model, ck.state_dicts[name], strict=True, verbose=False, realize=False)
     except (KeyError, ValueError) as e: raise CheckpointError(f"{name}: {e}") from None
