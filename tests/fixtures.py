@@ -1,7 +1,7 @@
 # Tiny randomly initialised diffusers/transformers pipelines saved the way real checkpoints are: a diffusers folder
 # (StableDiffusion[XL][Inpaint]Pipeline.save_pretrained) or a CompVis/A1111 single .safetensors file with the quirks real files carry.
 # The CompVis layout is written here independently of tinysd.checkpoint and checked against diffusers' own single-file converters.
-import functools, pathlib, re
+import copy, functools, pathlib, re
 import torch
 
 # Tiny configs. Head counts follow the conventions tinysd uses when a single file has no config (heads cannot be read from weights):
@@ -21,7 +21,7 @@ TINY = {
     text_encoder=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2, hidden_act="gelu"),
     scheduler=("DDIMScheduler", dict(prediction_type="v_prediction"))),
   "sdxl": dict(
-    unet=dict(block_out_channels=(32, 64, 128), layers_per_block=2, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",)*2,
+    unet=dict(block_out_channels=(32, 64, 128), layers_per_block=1, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",)*2,
               up_block_types=("CrossAttnUpBlock2D",)*2 + ("UpBlock2D",), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 1, 2),
               cross_attention_dim=64+128, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
               projection_class_embeddings_input_dim=6*8+96),
@@ -73,11 +73,13 @@ def make_tiny_pipeline(family="sd1", inpaint=False, seed=0):
   return cls(vae=vae, text_encoder=tes[0], tokenizer=toks[0], unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
              requires_safety_checker=False)
 
-def make_tiny_pipeline_folder(path, family="sd1", inpaint=False, seed=0, dtype=None, variant=None, max_shard_size=None) -> pathlib.Path:
+def make_tiny_pipeline_folder(path, family="sd1", inpaint=False, seed=0, dtype=None, variant=None, max_shard_size=None,
+                              pipeline=None) -> pathlib.Path:
   """Write a tiny pipeline as save_pretrained does (model_index.json, unet/, vae/, text_encoder[_2]/, tokenizer[_2]/, scheduler/).
-  dtype: torch dtype of the stored weights; variant: e.g. "fp16" -> *.fp16.safetensors; max_shard_size: e.g. "100KB" -> sharded + index."""
-  pipe = make_tiny_pipeline(family, inpaint, seed)
-  if dtype is not None: pipe.to(dtype)
+  dtype: torch dtype of the stored weights; variant: e.g. "fp16" -> *.fp16.safetensors; max_shard_size: e.g. "100KB" -> sharded + index;
+  pipeline: save this (make_tiny_pipeline's) pipeline instead of building one."""
+  pipe = pipeline if pipeline is not None else make_tiny_pipeline(family, inpaint, seed)
+  if dtype is not None: pipe = copy.deepcopy(pipe).to(dtype)
   kw = {"variant": variant} | ({"max_shard_size": max_shard_size} if max_shard_size else {})
   pipe.save_pretrained(path, safe_serialization=True, **kw)
   return pathlib.Path(path)
@@ -152,9 +154,10 @@ def _open_clip(te, extra_block:bool) -> dict:
                   .replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj"))
       out[f"transformer.resblocks.{i}.{rest}"] = v
     else:
-      out[{"text_model.embeddings.token_embedding.weight": "token_embedding.weight", "text_model.embeddings.position_embedding.weight": "positional_embedding",
-           "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias",
-           "text_projection.weight": "text_projection"}[k]] = v.T.contiguous() if k == "text_projection.weight" else v
+      out[{"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+           "text_model.embeddings.position_embedding.weight": "positional_embedding", "text_model.final_layer_norm.weight": "ln_final.weight",
+           "text_model.final_layer_norm.bias": "ln_final.bias", "text_projection.weight": "text_projection"}[k]] = \
+        v.T.contiguous() if k == "text_projection.weight" else v
   for i in range(te.config.num_hidden_layers):
     for w in ("weight", "bias"):
       out[f"transformer.resblocks.{i}.attn.in_proj_{w}"] = torch.cat([sd[f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{w}"] for p in "qkv"])
@@ -183,8 +186,8 @@ def compvis_state_dict(pipe, family:str, extras=True) -> dict:
       betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64)**2
       ac = torch.cumprod(1 - betas, 0)
       sd |= {"betas": betas.float(), "alphas_cumprod": ac.float(), "alphas_cumprod_prev": torch.cat([torch.ones(1), ac[:-1].float()]),
-             "sqrt_alphas_cumprod": ac.sqrt().float(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt().float(), "model_ema.decay": torch.tensor(0.9999),
-             "model_ema.num_updates": torch.tensor(1000, dtype=torch.int32)}
+             "sqrt_alphas_cumprod": ac.sqrt().float(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt().float(),
+             "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000, dtype=torch.int32)}
       # EMA copies: flattened names, different values (a loader must take model.diffusion_model.*, not these)
       sd |= {"model_ema." + k[len("model."):].replace(".", ""): v + 1 for k, v in sd.items() if k.startswith("model.diffusion_model.")}
   return sd
@@ -208,11 +211,16 @@ def _check_with_diffusers(sd:dict, pipe, family:str):
     same(sfu.convert_open_clip_checkpoint(pipe.text_encoder_2, sd, prefix="conditioner.embedders.1.model."), _hf_clip(pipe.text_encoder_2),
          "text_encoder_2")
 
-def make_tiny_single_file(path, family="sd1", inpaint=False, seed=0, dtype=None, extras=True, return_pipeline=False):
-  """Write a tiny pipeline as a CompVis-layout single .safetensors file (the A1111/civitai format). dtype: torch dtype of float tensors.
+def family_of(pipe) -> str:
+  return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"
+
+def make_tiny_single_file(path, family="sd1", inpaint=False, seed=0, dtype=None, extras=True, return_pipeline=False, pipeline=None):
+  """Write a tiny pipeline as a CompVis-layout single .safetensors file (the A1111/civitai format). dtype: torch dtype of float tensors;
+  pipeline: write this one (its family and inpainting-ness win) instead of building one.
   Returns the path, or (path, diffusers pipeline holding the same weights) if return_pipeline."""
   from safetensors.torch import save_file
-  pipe = make_tiny_pipeline(family, inpaint, seed)
+  pipe = pipeline if pipeline is not None else make_tiny_pipeline(family, inpaint, seed)
+  family = family_of(pipe)
   sd = compvis_state_dict(pipe, family, extras)
   if dtype is not None: sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
   save_file({k: v.contiguous() for k, v in sd.items()}, str(path))

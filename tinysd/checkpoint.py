@@ -6,13 +6,13 @@ import json, os, pathlib, re, tempfile, shutil
 from dataclasses import dataclass, asdict, fields, replace
 from tinygrad import Tensor, dtypes, Device
 from tinygrad.dtype import DType
-from tinysd.configs import CLIPConfig, UNetConfig, VAEConfig, SchedulerConfig, ModelConfig, SD15, SD2, SDXL, with_inpaint
+from tinysd.configs import CLIPConfig, UNetConfig, VAEConfig, SchedulerConfig, ModelConfig, SD15, SD2, SDXL
 
 class CheckpointError(ValueError): pass
 
 TEMPLATES = {"sd1": SD15, "sd2": SD2, "sdxl": SDXL}
-SAFE_DTYPES = {"F64": dtypes.float64, "F32": dtypes.float32, "F16": dtypes.float16, "BF16": dtypes.bfloat16, "I64": dtypes.int64, "I32": dtypes.int32,
-               "I16": dtypes.int16, "I8": dtypes.int8, "U8": dtypes.uint8, "BOOL": dtypes.bool}
+SAFE_DTYPES = {"F64": dtypes.float64, "F32": dtypes.float32, "F16": dtypes.float16, "BF16": dtypes.bfloat16, "I64": dtypes.int64,
+               "I32": dtypes.int32, "I16": dtypes.int16, "I8": dtypes.int8, "U8": dtypes.uint8, "BOOL": dtypes.bool}
 SAFE_NAMES = {v: k for k, v in SAFE_DTYPES.items()}
 DTYPE_NAMES = {"float32": dtypes.float32, "fp32": dtypes.float32, "float": dtypes.float32, "float16": dtypes.float16, "fp16": dtypes.float16,
                "half": dtypes.float16, "bfloat16": dtypes.bfloat16, "bf16": dtypes.bfloat16, "__bf16": dtypes.bfloat16}   # + tinygrad's DType.name
@@ -39,7 +39,8 @@ def _transformer(p, c, depth, ctx, linear):
     b = f"{p}.transformer_blocks.{d}"
     for n in ("norm1", "norm2", "norm3"): s |= _norm(f"{b}.{n}", c)
     for a, kv in (("attn1", c), ("attn2", ctx)):
-      s |= _lin(f"{b}.{a}.to_q", c, c, False) | _lin(f"{b}.{a}.to_k", c, kv, False) | _lin(f"{b}.{a}.to_v", c, kv, False) | _lin(f"{b}.{a}.to_out.0", c, c)
+      s |= _lin(f"{b}.{a}.to_q", c, c, False) | _lin(f"{b}.{a}.to_k", c, kv, False) | _lin(f"{b}.{a}.to_v", c, kv, False)
+      s |= _lin(f"{b}.{a}.to_out.0", c, c)
     s |= _lin(f"{b}.ff.net.0.proj", 8*c, c) | _lin(f"{b}.ff.net.2", c, 4*c)   # GEGLU: 4c hidden, doubled for the gate
   return s
 
@@ -55,7 +56,8 @@ def unet_shapes(c:UNetConfig) -> dict[str, tuple]:
       s |= _resnet(f"down_blocks.{l}.resnets.{j}", (ch[l-1] if l else ch[0]) if j == 0 else ch[l], ch[l], temb)
       if down_attn[l]: s |= tf(f"down_blocks.{l}.attentions.{j}", ch[l], depth[l])
     if l < L-1: s |= _conv(f"down_blocks.{l}.downsamplers.0.conv", ch[l], ch[l])
-  s |= _resnet("mid_block.resnets.0", ch[-1], ch[-1], temb) | tf("mid_block.attentions.0", ch[-1], depth[-1]) | _resnet("mid_block.resnets.1", ch[-1], ch[-1], temb)
+  s |= _resnet("mid_block.resnets.0", ch[-1], ch[-1], temb) | tf("mid_block.attentions.0", ch[-1], depth[-1])
+  s |= _resnet("mid_block.resnets.1", ch[-1], ch[-1], temb)
   rch, rdepth, prev = ch[::-1], depth[::-1], ch[-1]
   for u in range(L):
     for j in range(lpb+1):   # each up resnet also eats one skip connection from the down path
@@ -69,7 +71,8 @@ def unet_shapes(c:UNetConfig) -> dict[str, tuple]:
 def vae_shapes(c:VAEConfig) -> dict[str, tuple]:
   ch, L, lpb, lat = c.block_out_channels, len(c.block_out_channels), c.layers_per_block, c.latent_channels
   def mid(p, C):
-    a = _norm(f"{p}.attentions.0.group_norm", C) | {k: v for n in ("to_q", "to_k", "to_v", "to_out.0") for k, v in _lin(f"{p}.attentions.0.{n}", C, C).items()}
+    a = _norm(f"{p}.attentions.0.group_norm", C)
+    for n in ("to_q", "to_k", "to_v", "to_out.0"): a |= _lin(f"{p}.attentions.0.{n}", C, C)
     return _resnet(f"{p}.resnets.0", C, C) | (a if c.mid_block_add_attention else {}) | _resnet(f"{p}.resnets.1", C, C)
   s = _conv("encoder.conv_in", ch[0], c.in_channels)
   for i in range(L):
@@ -87,7 +90,8 @@ def vae_shapes(c:VAEConfig) -> dict[str, tuple]:
 
 def clip_shapes(c:CLIPConfig) -> dict[str, tuple]:
   H, I = c.hidden_size, c.intermediate_size
-  s = {"text_model.embeddings.token_embedding.weight": (c.vocab_size, H), "text_model.embeddings.position_embedding.weight": (c.max_position_embeddings, H)}
+  s = {"text_model.embeddings.token_embedding.weight": (c.vocab_size, H),
+       "text_model.embeddings.position_embedding.weight": (c.max_position_embeddings, H)}
   for i in range(c.num_hidden_layers):
     p = f"text_model.encoder.layers.{i}"
     for n in ("q_proj", "k_proj", "v_proj", "out_proj"): s |= _lin(f"{p}.self_attn.{n}", H, H)
@@ -146,16 +150,19 @@ def _vae_ldm(k:str, c:VAEConfig) -> tuple[str, str|None]:
     if m := re.fullmatch(pat, k): return fmt(m), None
   return k, None   # conv_in, conv_out, quant_conv, post_quant_conv keep their names
 
-_OPENCLIP_FIXED = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight", "text_model.embeddings.position_embedding.weight": "positional_embedding",
+_OPENCLIP_FIXED = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                   "text_model.embeddings.position_embedding.weight": "positional_embedding",
                    "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
-_OPENCLIP_LAYER = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+_OPENCLIP_LAYER = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+                   ("mlp.fc2.", "mlp.c_proj."))
 
 def _openclip_ldm(k:str) -> tuple[str, str|int|None]:
   if k in _OPENCLIP_FIXED: return _OPENCLIP_FIXED[k], None
   if k == "text_projection.weight": return "text_projection", "T"   # OpenCLIP computes x @ text_projection
   m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", k)
   if not m: raise KeyError(k)
-  if q := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", m[2]): return f"transformer.resblocks.{m[1]}.attn.in_proj_{q[2]}", "qkv".index(q[1])
+  if q := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", m[2]):
+    return f"transformer.resblocks.{m[1]}.attn.in_proj_{q[2]}", "qkv".index(q[1])
   return f"transformer.resblocks.{m[1]}.{_sub(m[2], _OPENCLIP_LAYER)}", None
 
 def _te_layouts(family:str) -> list[tuple[str, str]]:
@@ -206,11 +213,13 @@ def read_diffusers_config(folder) -> ModelConfig:
   if not (p/"unet"/"config.json").is_file(): raise CheckpointError(f"{p}: not a diffusers pipeline folder (no unet/config.json)")
   unet, vae = UNetConfig.from_diffusers(_json(p/"unet"/"config.json")), VAEConfig.from_diffusers(_json(p/"vae"/"config.json"))
   tes = tuple(CLIPConfig.from_diffusers(_json(p/d/"config.json")) for d in ("text_encoder", "text_encoder_2") if (p/d/"config.json").is_file())
-  if not (p/"text_encoder"/"config.json").is_file(): raise CheckpointError(f"{p}: no text_encoder/config.json (SDXL refiners and text-encoder-less pipelines are not supported)")
-  family = "sdxl" if len(tes) == 2 else "sd2" if tes[0].hidden_act == "gelu" else "sd1"   # OpenCLIP (SD2) uses exact gelu, OpenAI CLIP quick_gelu
+  if not (p/"text_encoder"/"config.json").is_file():
+    raise CheckpointError(f"{p}: unsupported family: no text_encoder/config.json (SDXL refiners are not supported)")
+  family = "sdxl" if len(tes) == 2 else "sd2" if tes[0].hidden_act == "gelu" else "sd1"   # OpenCLIP (SD2): exact gelu, OpenAI CLIP: quick_gelu
   tpl = TEMPLATES[family]
   sch = (p/"scheduler"/"scheduler_config.json")
-  cfg = replace(tpl, text_encoders=tes, unet=unet, vae=vae, scheduler=SchedulerConfig.from_diffusers(_json(sch)) if sch.is_file() else tpl.scheduler)
+  cfg = replace(tpl, text_encoders=tes, unet=unet, vae=vae,
+                scheduler=SchedulerConfig.from_diffusers(_json(sch)) if sch.is_file() else tpl.scheduler)
   return _with_channels(cfg, unet.in_channels, p)
 
 def _with_channels(cfg:ModelConfig, in_channels:int, where) -> ModelConfig:
@@ -253,15 +262,16 @@ def _infer_unet(s:dict, family:str, tpl:UNetConfig) -> UNetConfig:
     raise CheckpointError(f"unsupported UNet: middle block has {mid} transformer layers, last level {depth[-1]}")
   proj = _need(s, "middle_block.1.proj_in.weight", "UNet")
   extra = {}
-  if "label_emb.0.0.weight" in s: extra = dict(addition_embed_type="text_time", projection_class_embeddings_input_dim=s["label_emb.0.0.weight"][1])
+  if "label_emb.0.0.weight" in s:
+    extra = dict(addition_embed_type="text_time", projection_class_embeddings_input_dim=s["label_emb.0.0.weight"][1])
   # heads are not in the weights: SD1 uses 8 heads per level, SD2/SDXL heads of dim 64
   heads = 8 if family == "sd1" else tuple(max(1, c // 64) for c in ch)
-  return replace(tpl, in_channels=_need(s, "input_blocks.0.0.weight", "UNet")[1], out_channels=_need(s, "out.2.weight", "UNet")[0], block_out_channels=ch,
-                 layers_per_block=lpb, down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+  return replace(tpl, in_channels=_need(s, "input_blocks.0.0.weight", "UNet")[1], out_channels=_need(s, "out.2.weight", "UNet")[0],
+                 block_out_channels=ch, layers_per_block=lpb, down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
                  up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attn[::-1]),
                  transformer_layers_per_block=depth[0] if len(set(depth)) == 1 else depth, attention_head_dim=heads, num_attention_heads=None,
-                 cross_attention_dim=_need(s, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", "UNet")[1], use_linear_projection=len(proj) == 2,
-                 **extra)
+                 cross_attention_dim=_need(s, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", "UNet")[1],
+                 use_linear_projection=len(proj) == 2, **extra)
 
 def _infer_vae(s:dict, tpl:VAEConfig) -> VAEConfig:
   L, lpb = _blocks(s, r"encoder\.down\.(\d+)\."), _blocks(s, r"encoder\.down\.0\.block\.(\d+)\.")
@@ -269,7 +279,8 @@ def _infer_vae(s:dict, tpl:VAEConfig) -> VAEConfig:
   return replace(tpl, in_channels=_need(s, "encoder.conv_in.weight", "VAE")[1], out_channels=_need(s, "decoder.conv_out.weight", "VAE")[0],
                  latent_channels=_need(s, "encoder.conv_out.weight", "VAE")[0] // 2, layers_per_block=lpb,
                  block_out_channels=tuple(_need(s, f"encoder.down.{i}.block.0.conv1.weight", "VAE")[0] for i in range(L)),
-                 use_quant_conv="quant_conv.weight" in s, use_post_quant_conv="post_quant_conv.weight" in s, mid_block_add_attention="encoder.mid.attn_1.q.weight" in s)
+                 use_quant_conv="quant_conv.weight" in s, use_post_quant_conv="post_quant_conv.weight" in s,
+                 mid_block_add_attention="encoder.mid.attn_1.q.weight" in s)
 
 def _infer_clip(s:dict, kind:str, family:str, tpl:CLIPConfig) -> CLIPConfig:
   if kind == "hf":
@@ -294,7 +305,8 @@ def infer_config(shapes:dict[str, tuple], family:str|None=None) -> ModelConfig:
   tes = tuple(_infer_clip(sub(p), kind, family, t) for (p, kind), t in zip(_te_layouts(family), tpl.text_encoders))
   if unet.addition_embed_type == "text_time":   # SDXL: pooled text embedding + 6 Fourier-embedded size/crop numbers
     unet = replace(unet, addition_time_embed_dim=(unet.projection_class_embeddings_input_dim - tes[-1].projection_dim) // 6)
-  return _with_channels(replace(tpl, text_encoders=tes, unet=unet, vae=_infer_vae(sub("first_stage_model."), tpl.vae)), unet.in_channels, "checkpoint")
+  cfg = replace(tpl, text_encoders=tes, unet=unet, vae=_infer_vae(sub("first_stage_model."), tpl.vae))
+  return _with_channels(cfg, unet.in_channels, "checkpoint")
 
 # ---- low-level file reading ----
 
@@ -311,13 +323,15 @@ def _check_header(path:pathlib.Path, size:int) -> tuple[int, dict]:
   data = size - 8 - n
   for k, v in header.items():
     if k == "__metadata__": continue
-    ok = isinstance(v, dict) and v.get("dtype") in SAFE_DTYPES and isinstance(shp := v.get("shape"), list) and all(isinstance(x, int) and x >= 0 for x in shp) \
-         and isinstance(off := v.get("data_offsets"), list) and len(off) == 2 and all(isinstance(x, int) for x in off) and 0 <= off[0] <= off[1]
+    ok = isinstance(v, dict) and v.get("dtype") in SAFE_DTYPES and isinstance(shp := v.get("shape"), list) and \
+         all(isinstance(x, int) and x >= 0 for x in shp) and isinstance(off := v.get("data_offsets"), list) and len(off) == 2 and \
+         all(isinstance(x, int) for x in off) and 0 <= off[0] <= off[1]
     if not ok: raise CheckpointError(f"{path}: corrupted safetensors header (bad entry for {k!r})")
     if off[1] > data: raise CheckpointError(f"{path}: truncated safetensors file ({k} needs {off[1]} data bytes, the file has {data})")
     numel = 1
     for x in shp: numel *= x
-    if off[1] - off[0] != numel * SAFE_DTYPES[v["dtype"]].itemsize: raise CheckpointError(f"{path}: corrupted safetensors header (size of {k} does not match its shape)")
+    if off[1] - off[0] != numel * SAFE_DTYPES[v["dtype"]].itemsize:
+      raise CheckpointError(f"{path}: corrupted safetensors header (size of {k} does not match its shape)")
   return n, header
 
 def read_safetensors(path) -> tuple[dict[str, Tensor], dict]:
@@ -327,7 +341,7 @@ def read_safetensors(path) -> tuple[dict[str, Tensor], dict]:
   data = Tensor(path)[8+n:]
   out = {k: data[v["data_offsets"][0]:v["data_offsets"][1]].bitcast(SAFE_DTYPES[v["dtype"]]).reshape(v["shape"])
          for k, v in header.items() if k != "__metadata__" and v["data_offsets"][1] > v["data_offsets"][0]}
-  return out, header.get("__metadata__") or {}
+  return out, meta if isinstance(meta := header.get("__metadata__"), dict) else {}
 
 def read_tensors(path) -> tuple[dict[str, Tensor], dict]:
   """Any single weights file: safetensors, or a PyTorch zip (.ckpt/.pt/.bin) through the strict unpickler in ckpt_pickle."""
@@ -385,7 +399,8 @@ class Checkpoint:
     u = c.unet
     lines.append(f"unet: in_channels {u.in_channels}, channels {u.block_out_channels}, layers/block {u.layers_per_block}, "
                  f"transformer depth {u.depths()}, heads {u.heads()}, context {u.cross_attention_dim}")
-    lines += [f"{n}: hidden {t.hidden_size}, layers {t.num_hidden_layers}, heads {t.num_attention_heads}" for n, t in zip(_te_names(c), c.text_encoders)]
+    for n, t in zip(_te_names(c), c.text_encoders):
+      lines.append(f"{n}: hidden {t.hidden_size}, layers {t.num_hidden_layers}, heads {t.num_attention_heads}")
     return "\n".join(lines)
 
 def _few(keys, n=3) -> str:
@@ -400,8 +415,10 @@ def _validate(where:str, got:dict[str, tuple], want:dict[str, tuple], rename=lam
             ([f"{len(unexpected)} unexpected keys ({_few(unexpected)})"] if unexpected else [])
     raise CheckpointError(f"{where}: " + " and ".join(parts))
   bad = [k for k in want if tuple(got[k]) != tuple(want[k])]
-  if bad: raise CheckpointError(f"{where}: shape mismatch for {rename(bad[0])}: checkpoint has {tuple(got[bad[0]])}, config expects {tuple(want[bad[0]])}"
-                                + (f" ({len(bad)} mismatched tensors)" if len(bad) > 1 else ""))
+  if bad:
+    k = bad[0]
+    raise CheckpointError(f"{where}: shape mismatch for {rename(k)}: checkpoint has {tuple(got[k])}, config expects {tuple(want[k])}"
+                          + (f" ({len(bad)} mismatched tensors)" if len(bad) > 1 else ""))
 
 def _stored(ts) -> str: return "/".join(sorted({_READABLE.get(t.dtype, t.dtype.name) for t in ts}))
 
@@ -431,7 +448,7 @@ def _read_compvis(raw:dict, meta:dict, path, dtype, device, config:ModelConfig|N
   for k, shp in want.items():   # VAE attention stored as Linear (2-d) by some converters instead of CompVis' 1x1 conv
     if len(shp) == 4 and shp[2:] == (1, 1) and got.get(k) == shp[:2]: got[k] = shp
   _validate(str(path), got, want)
-  if bad := [k for k in want if not dtypes.is_float(raw[k].dtype)]: raise CheckpointError(f"{path}: {bad[0]} is {raw[bad[0]].dtype.name}, expected a float tensor")
+  if bad := [k for k in want if not dtypes.is_float(raw[k].dtype)]: raise CheckpointError(f"{path}: {bad[0]} is not a float tensor")
   sds = {}
   for c, m in layout.items():
     sds[c] = {}
@@ -458,7 +475,7 @@ def _component_files(d:pathlib.Path, prefer_fp16:bool) -> list[pathlib.Path]:
           shards = sorted(set((_json(idx).get("weight_map") or {}).values()))
           if not shards: raise CheckpointError(f"{idx}: empty weight_map")
           return [d / s for s in shards]
-  raise CheckpointError(f"{d}: no weights found (expected diffusion_pytorch_model.safetensors, model.safetensors, a .fp16 variant or a sharded index)")
+  raise CheckpointError(f"{d}: no weights found (diffusion_pytorch_model.safetensors, model.safetensors, a .fp16 variant or a sharded index)")
 
 _OLD_VAE_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -563,12 +580,11 @@ def to_compvis(state_dicts:dict[str, dict[str, Tensor]], cfg:ModelConfig) -> dic
       else: out[ldm] = t.T if op == "T" else t.reshape(*t.shape, 1, 1) if op == "conv" else t
   out |= {k: v[0].cat(*v[1:]) for k, v in packed.items()}
   if _base(cfg.family) == "sd2":
-    # A1111/ComfyUI take SD2's penultimate OpenCLIP block by counting from the end: write a zero (identity) last block and an identity projection
+    # A1111/ComfyUI take SD2's penultimate OpenCLIP block by counting from the end: add a zero (= identity) last block, identity projection
     L, p = cfg.text_encoders[0].num_hidden_layers, "cond_stage_model.model."
     for k in [k for k in out if k.startswith(f"{p}transformer.resblocks.{L-1}.")]:
-      out[k.replace(f"resblocks.{L-1}.", f"resblocks.{L}.")] = _cast(Tensor.zeros(*out[k].shape), out[k].dtype, out[k].device)
-    pe = out[p + "positional_embedding"]
-    out[p + "text_projection"] = _cast(Tensor.eye(cfg.text_encoders[0].hidden_size), pe.dtype, pe.device)
+      out[k.replace(f"resblocks.{L-1}.", f"resblocks.{L}.")] = _cast(Tensor.zeros(*out[k].shape), out[k].dtype, Device.DEFAULT)
+    out[p + "text_projection"] = _cast(Tensor.eye(cfg.text_encoders[0].hidden_size), out[p + "positional_embedding"].dtype, Device.DEFAULT)
   return out
 
 def write_single_file(state_dicts:dict[str, dict[str, Tensor]], config:ModelConfig, path, dtype=None):
@@ -577,14 +593,17 @@ def write_single_file(state_dicts:dict[str, dict[str, Tensor]], config:ModelConf
   write_safetensors(to_compvis(state_dicts, config), path, {"format": "pt", "tinysd_config": config_to_json(config)}, dtype)
 
 _PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-              "sd1-inpaint": "StableDiffusionInpaintPipeline", "sd2-inpaint": "StableDiffusionInpaintPipeline", "sdxl-inpaint": "StableDiffusionXLInpaintPipeline"}
-_SCHEDULERS = {"sd1": ("PNDMScheduler", {"skip_prk_steps": True}), "sd2": ("DDIMScheduler", {}), "sdxl": ("EulerDiscreteScheduler", {"interpolation_type": "linear"})}
+              "sd1-inpaint": "StableDiffusionInpaintPipeline", "sd2-inpaint": "StableDiffusionInpaintPipeline",
+              "sdxl-inpaint": "StableDiffusionXLInpaintPipeline"}
+_SCHEDULERS = {"sd1": ("PNDMScheduler", {"skip_prk_steps": True}), "sd2": ("DDIMScheduler", {}),
+               "sdxl": ("EulerDiscreteScheduler", {"interpolation_type": "linear"})}   # what the Hub's SD1.5 / SD2.1 / SDXL folders ship
 
 def diffusers_configs(cfg:ModelConfig) -> dict[str, dict]:
   """config.json contents of each component folder (+ "model_index" and "scheduler") as diffusers/transformers write them."""
   L = len(cfg.vae.block_out_channels)
   out = {"unet": {"_class_name": "UNet2DConditionModel", **asdict(cfg.unet)},
-         "vae": {"_class_name": "AutoencoderKL", **asdict(cfg.vae), "down_block_types": ["DownEncoderBlock2D"]*L, "up_block_types": ["UpDecoderBlock2D"]*L}}
+         "vae": {"_class_name": "AutoencoderKL", **asdict(cfg.vae), "down_block_types": ["DownEncoderBlock2D"]*L,
+                 "up_block_types": ["UpDecoderBlock2D"]*L}}
   idx = {"_class_name": _PIPELINES[cfg.family], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
   for i, (n, t) in enumerate(zip(_te_names(cfg), cfg.text_encoders)):
     arch = "CLIPTextModelWithProjection" if t.projection_dim else "CLIPTextModel"
@@ -612,7 +631,8 @@ def write_diffusers_folder(state_dicts:dict[str, dict[str, Tensor]], config:Mode
     for c, cj in cfgs.items():
       (tmp/c).mkdir()
       (tmp/c/"config.json").write_text(json.dumps(cj, indent=2))
-      write_safetensors(state_dicts[c], tmp/c/("model.safetensors" if c.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"), {"format": "pt"}, dtype)
+      fn = "model.safetensors" if c.startswith("text_encoder") else "diffusion_pytorch_model.safetensors"
+      write_safetensors(state_dicts[c], tmp/c/fn, {"format": "pt"}, dtype)
     for i, pad in enumerate(config.pad_token_ids):
       dst, src = tmp/("tokenizer" if i == 0 else f"tokenizer_{i+1}"), (tokenizer_dirs or [None]*len(config.pad_token_ids))[i]
       if src is not None: shutil.copytree(src, dst)

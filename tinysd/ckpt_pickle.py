@@ -70,7 +70,8 @@ def load_torch_zip(path) -> dict[str, Tensor]:
     pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
     if len(pkls) != 1: raise PickleRefused("not a PyTorch checkpoint (no single data.pkl in the zip archive)")
     root = pkls[0][:-len("data.pkl")]
-    if root + "byteorder" in zf.namelist() and zf.read(root + "byteorder").strip() != b"little": raise PickleRefused("big-endian checkpoints are not supported")
+    if root + "byteorder" in zf.namelist() and zf.read(root + "byteorder").strip() != b"little":
+      raise PickleRefused("big-endian checkpoints are not supported")
     whole, cache = Tensor(path), {}
     with open(path, "rb") as f:
       def storage(dtype, key:str) -> Tensor:
