@@ -114,7 +114,6 @@ class StableDiffusion:
     for i, x in enumerate(samplers.SAMPLERS[sampler](model, x, sched, noise=ancestral_noise, start=start)):
       if blend is not None: x = blend(start + i + 1, x)
       bar.update(1)
-    bar.close()
     return x
 
   def decode(self, latents:np.ndarray) -> np.ndarray:
