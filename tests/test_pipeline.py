@@ -38,9 +38,9 @@ def test_txt2img_matches_diffusers(pipes, sampler):
   lat = SIZE // pipe.vae_scale
   x_T = np.random.default_rng(1).standard_normal((2, 4, lat, lat), dtype=np.float32)
   prompts, negative, guidance = ["a photo of a cat", "a red lighthouse at dusk, oil painting"], "blurry", 7.5
-  want = reference(ref, sampler, x_T, prompts, negative, guidance, seed=3)
+  want = reference(ref, sampler, x_T, prompts, [negative] * 2, guidance, seed=3)
   # chaotic random-weight models: measure how far the reference itself moves for a 1e-6 relative change of x_T
-  moved = np.abs(reference(ref, sampler, x_T * (1 + 1e-6), prompts, negative, guidance, seed=3) - want).max()
+  moved = np.abs(reference(ref, sampler, x_T * (1 + 1e-6), prompts, [negative] * 2, guidance, seed=3) - want).max()
   bound = 2e-3 if moved <= 4e-4 else 5 * moved
   g = torch.Generator().manual_seed(3)   # the same draws diffusers' scheduler makes for ancestral steps
   got = pipe.txt2img(prompts, negative_prompt=negative, steps=STEPS, guidance_scale=guidance, width=SIZE, height=SIZE, sampler=sampler,
