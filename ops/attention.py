@@ -1,14 +1,17 @@
 # Split ("memory-efficient") attention: softmax(q k^T / sqrt(d) + mask) v computed tile by tile with an online softmax, so the
 # (..., Lq, Lk) score matrix is never materialised (1.07 GB in fp32 for SD1.x 512px self-attention at batch 2, 8 heads).
-# Model code keeps calling Tensor.scaled_dot_product_attention; install() swaps those calls out by rewriting the lazy graph.
+# Model code keeps calling Tensor.scaled_dot_product_attention; install() swaps those calls out by rewriting the lazy graph (ops/tg.py
+# finds them). Plain Tensor code, so it runs on every backend with tinygrad's own matmul kernels. Two scheduler facts make the tiles
+# really die: the split runs inside a FUNCTION (tg.region), where .contiguous() buffers are planned into the arena by lifetime, and each
+# tile's first kernel reads its predecessor's result (_after), since tinygrad linearises independent kernels breadth-first.
 from __future__ import annotations
 import math
 from tinygrad import Tensor, dtypes
 from ops import tg
 
 def _after(x:Tensor) -> Tensor:
-  # An exact 0.0 that reads one element of x (a row sum >= 0, or NaN; both compare False). Added to the next tile's reference it makes that
-  # tile's kernel depend on x's: tinygrad linearises kernels breadth-first, so without it every tile would be computed first and all be live.
+  # An exact 0.0 that reads one element of x (|x| < 0 is False for every float, NaN and inf too). Added to the next tile's reference it makes
+  # that tile's kernel run after x's: kernels are linearised breadth-first, so independent query chunks would otherwise all be live at once.
   return (x[(0,) * (x.ndim - 1) + (slice(-1, None),)].abs() < 0).where(1.0, 0.0)
 
 def _mask_tile(mask:Tensor, i:int, n:int, j:int, m:int) -> Tensor:
@@ -60,7 +63,8 @@ def _impl(q_chunk:int, k_chunk:int):
   return impl
 
 def install(*tensors:Tensor, q_chunk:int=1024, k_chunk:int=1024) -> Tensor|tuple[Tensor, ...]:
-  """Rewrites the lazy graphs of tensors so that every Tensor.scaled_dot_product_attention in them larger than one (q_chunk x k_chunk) tile
-  runs as split_attention. Call right before realize (inside a TinyJit step is fine); returns the new Tensor(s), the inputs are unchanged."""
+  """Rewrites the lazy graphs of tensors so that every Tensor.scaled_dot_product_attention in them (@function bodies included) larger than
+  one (q_chunk x k_chunk) tile runs as split_attention. Call right before realize, e.g. on the UNet output inside the TinyJit step; returns
+  the new Tensor(s), the given ones are unchanged."""
   new, _ = tg.rewrite_sdpa(list(tensors), _impl(q_chunk, k_chunk))
   return new[0] if len(new) == 1 else tuple(new)

@@ -5,10 +5,15 @@ from typing import Callable
 from tinygrad import Tensor, function
 from tinygrad.uop.ops import UOp, Ops, UPat, PatternMatcher, graph_rewrite
 
+def _in_body(u:UOp) -> bool: return any(x.op is Ops.PARAM and x.arg.slot >= 0 for x in u.toposort(enter_calls=False))   # -1: Variables
+
 def region(fxn:Callable[..., Tensor], *args, **kwargs) -> Tensor:
   # Runs fxn as one tinygrad FUNCTION (inlined again by the scheduler). Why it matters: a top-level .contiguous() becomes a Tensor-visible
   # buffer held for the whole schedule, while one inside a FUNCTION body is a scheduler-internal buffer that the memory planner packs into
   # the arena by lifetime. Tensors among args/kwargs become the explicit inputs; fxn must not close over realized buffers.
+  # Inside another FUNCTION's body (inputs built on PARAMs) fxn runs inline: that body already is a region, and a nested FUNCTION's PARAMs
+  # would hash-cons with the outer ones of the same slot and shape and get substituted wrongly.
+  if any(isinstance(a, Tensor) and _in_body(a.uop) for a in (*args, *kwargs.values())): return fxn(*args, **kwargs)
   return function(fxn)(*args, **kwargs)
 
 # *** recognising Tensor.scaled_dot_product_attention in a lazy graph ***
@@ -65,8 +70,9 @@ def _swap_sdpa(ctx:dict, u:UOp) -> UOp|None:
 pm_swap_sdpa = PatternMatcher([(UPat((Ops.REDUCE, Ops.CAST), name="u"), _swap_sdpa)])
 
 def rewrite_sdpa(tensors:list[Tensor], impl:Callable[..., Tensor|None]) -> tuple[list[Tensor], int]:
-  """Replaces every SDPA in the lazy graphs of tensors by impl(q=, k=, v=, attn_mask=, is_causal=) (None keeps it). Returns (new tensors, count).
+  """Replaces every SDPA in the lazy graphs of tensors (@function bodies included) by impl(q=, k=, v=, attn_mask=, is_causal=) (None keeps
+  it). Returns (new tensors, count).
   The given Tensors are not changed; other Tensors sharing the graph keep the original nodes."""
   ctx = {"impl": impl, "count": 0}
-  sink = graph_rewrite(UOp.sink(*[t.uop for t in tensors]), pm_swap_sdpa, ctx=ctx, name="split attention")
+  sink = graph_rewrite(UOp.sink(*[t.uop for t in tensors]), pm_swap_sdpa, ctx=ctx, enter_calls=True, name="split attention")
   return [t if s is t.uop else Tensor(s) for t, s in zip(tensors, sink.src)], ctx["count"]

@@ -3,7 +3,7 @@
 # by a few ulp of max|v| (measured <= 1e-6 at these sizes). ATOL = 2e-6 with |v| <= ~4.5 (randn) is that rounding; a wrong mask tile,
 # rescale or reference is off by >= 1e-2.
 import numpy as np, pytest
-from tinygrad import Tensor, TinyJit, dtypes, GlobalCounters
+from tinygrad import Tensor, TinyJit, dtypes, GlobalCounters, function
 from tinygrad.device import Buffer
 from ops import tg
 from ops.attention import split_attention, install
@@ -14,7 +14,7 @@ def rand(*shape): return Tensor(np.random.randn(*shape).astype(np.float32)).real
 def close(a:Tensor, b:Tensor): np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=RTOL, atol=ATOL)
 
 @pytest.mark.parametrize("shape_q, Lk, q_chunk, k_chunk", [
-  ((2, 2, 32, 8), 32, 16, 16),       # L divisible by the chunks
+  ((2, 2, 32, 8), 32, 32, 16),       # L divisible by the chunks
   ((2, 2, 24, 8), 24, 16, 16),       # not divisible: ragged last tiles
   ((2, 2, 24, 8), 77, 24, 40),       # cross-attention, k/v length 77: one query chunk, two key chunks
   ((4, 24, 8), 24, 16, 100),         # 3-D (batch*heads, L, d): query chunks only
@@ -42,22 +42,22 @@ def test_split_masks():
   am = np.random.randn(2, 1, 1, 40).astype(np.float32) * 4
   am[0, ..., 30:] = -np.inf
   am = Tensor(am)
-  close(split_attention(q, k, v, attn_mask=am, q_chunk=12, k_chunk=20), q.scaled_dot_product_attention(k, v, attn_mask=am))
+  close(split_attention(q, k, v, attn_mask=am, q_chunk=24, k_chunk=20), q.scaled_dot_product_attention(k, v, attn_mask=am))
   # rows whose first key tile is all -inf and the rest ~ -1000: the rescale exp(m_old - m_new) of the empty sums must not overflow
   am = np.where(np.arange(40) < 20, -np.inf, -1000 + np.random.randn(24, 40)).astype(np.float32)
   am = Tensor(am)
-  close(split_attention(q, k, v, attn_mask=am, q_chunk=12, k_chunk=20), q.scaled_dot_product_attention(k, v, attn_mask=am))
+  close(split_attention(q, k, v, attn_mask=am, q_chunk=24, k_chunk=20), q.scaled_dot_product_attention(k, v, attn_mask=am))
   with pytest.raises(RuntimeError): split_attention(q, k, v, attn_mask=am, is_causal=True)
 
 def test_split_half():
-  # fp16 in, fp16 out; split runs the softmax in fp32, plain SDPA in fp16: compare both against the fp32 result at fp16 rounding
+  # fp16 in, fp16 out. split runs the softmax in fp32 (plain SDPA runs it in fp16), so compare with the fp32 result at fp16 rounding
   q, k, v = rand(1, 2, 24, 8), rand(1, 2, 24, 8), rand(1, 2, 24, 8)
   ref = q.scaled_dot_product_attention(k, v).numpy()
-  out = split_attention(q.half(), k.half(), v.half(), q_chunk=16, k_chunk=16)
+  out = split_attention(q.half(), k.half(), v.half(), q_chunk=24, k_chunk=16)
   assert out.dtype == dtypes.half
   np.testing.assert_allclose(out.numpy(), ref, atol=4e-3)
 
-W = [np.random.randn(16, 16).astype(np.float32) / 4 for _ in range(4)]
+W = [w.astype(np.float32) / 4 for w in np.random.RandomState(0).randn(4, 16, 16)]
 def tiny_model(x:Tensor, ctx:Tensor, heads:int=2) -> Tensor:
   # model-like: self-attention then cross-attention (context length 77) on projections, plain SDPA on (B, heads, L, d) as the UNet does
   B, L, C = x.shape
@@ -114,22 +114,29 @@ def test_install_inside_tinyjit():
 
 def peak_bytes(fn) -> int:
   # high-water mark of tinygrad's allocations while realizing fn() (notes section e): deterministic, unlike RSS or time
-  peak, orig = [0], Buffer.allocate
+  base, orig = GlobalCounters.mem_used, Buffer.allocate
+  peak = [base]
   def tracking(self, *a, **k):
     r = orig(self, *a, **k); peak[0] = max(peak[0], GlobalCounters.mem_used); return r
-  base = GlobalCounters.mem_used
   Buffer.allocate = tracking
   try: fn().realize()
   finally: Buffer.allocate = orig
   return peak[0] - base
 
-def test_peak_memory_drops():
-  # the score matrix dominates: 8 heads x 256 x 256 fp32 = 2.1 MB vs 65 kB for each of q, k, v and the output. 4 x 2 tiles, so both the
-  # key-tile chain and the ordering of the query chunks (each would be scheduled breadth-first, all live at once, without _after) count
+@function
+def attention_fn(q:Tensor, k:Tensor, v:Tensor) -> Tensor: return q.scaled_dot_product_attention(k, v)
+def chained(q:Tensor, k:Tensor, v:Tensor) -> Tensor: return q.scaled_dot_product_attention(k, v).scaled_dot_product_attention(k, v)
+
+@pytest.mark.parametrize("attn", [Tensor.scaled_dot_product_attention, chained, attention_fn], ids=["sdpa", "chained", "in_function"])
+def test_peak_memory_drops(attn):
+  # the score matrix dominates: 8 heads x 256 x 256 fp32 = 2.1 MB vs 65 kB for each of q, k, v and the output. 2 x 2 tiles, so both the
+  # key-tile chain and the ordering of the query chunks (each would be scheduled breadth-first, all live at once, without _after) count.
+  # chained: the 2nd split's inputs contain the 1st split's FUNCTION; in_function: the SDPA sits in an @function body (a tagged model block)
   q, k, v = rand(1, 8, 256, 8), rand(1, 8, 256, 8), rand(1, 8, 256, 8)
-  score, tile = 8 * 256 * 256 * 4, 8 * 64 * 128 * 4
-  plain = peak_bytes(lambda: q.scaled_dot_product_attention(k, v))
-  split = peak_bytes(lambda: install(q.scaled_dot_product_attention(k, v), q_chunk=64, k_chunk=128))
+  score, tile = 8 * 256 * 256 * 4, 8 * 128 * 128 * 4
+  plain = peak_bytes(lambda: attn(q, k, v))
+  split = peak_bytes(lambda: install(attn(q, k, v), q_chunk=128, k_chunk=128))
   print(f"peak: plain {plain/1e6:.2f} MB, split {split/1e6:.2f} MB, score {score/1e6:.2f} MB, tile {tile/1e6:.2f} MB")
   # plain = score + output. split: tile, exp(tile) and a third slot lost to fragmentation by the per-row state, + output and state
   assert plain >= score and split <= 3 * tile + 4 * q.nbytes(), (plain, split)
+  close(install(attn(q, k, v), q_chunk=128, k_chunk=128), attn(q, k, v))
