@@ -1,6 +1,6 @@
 # txt2img / img2img / inpaint on top of the tokenizer, models, samplers and checkpoint reader. CFG and per-shape JIT live here.
 from __future__ import annotations
-import time
+from contextlib import contextmanager
 import numpy as np
 from PIL import Image
 from tinygrad import Tensor, TinyJit, Device, dtypes
@@ -43,6 +43,22 @@ class StableDiffusion:
     self.dtype, self.device = dtype, device or Device.DEFAULT
     self.last_truncated: list[int] = []   # tokens dropped per prompt by the last encode_prompt (the CLI warns about it)
     self._jits: dict[tuple, TinyJit] = {}
+    self._sources: dict[str, list[tuple[Tensor, object]]] | None = None   # lowmem: component -> (parameter, its lazy file-read graph)
+    self.attention_chunk: int | None = None   # split attention (ops/attention.py) into tiles of this many queries x keys; None = plain SDPA
+
+  @contextmanager
+  def resident(self, name:str):
+    """Just-in-time residency (Apple's reduceMemory): in lowmem mode a model's weights are read from the memory-mapped checkpoint right
+    before use and released right after, so the text encoder, UNet and VAE are never in memory together. A no-op otherwise."""
+    if self._sources is None or name not in self._sources:
+      yield
+      return
+    Tensor.realize(*[p for p, _ in self._sources[name]])
+    try: yield
+    finally:
+      for p, lazy in self._sources[name]: p.replace(Tensor(lazy))         # the realised buffer loses its last reference
+      self._jits = {k: v for k, v in self._jits.items() if k[0] != name}  # captured JITs hold the weight buffers too
+      if hasattr(alloc := Device[self.device].allocator, "free_cache"): alloc.free_cache()   # tinygrad keeps freed blocks for reuse
 
   @property
   def tokenizer(self) -> CLIPTokenizer: return self.tokenizers[0]
@@ -58,15 +74,25 @@ class StableDiffusion:
     """(context (B,77,D), pooled text embeds for SDXL or None)"""
     if isinstance(prompts, str): prompts = [prompts]
     ctxs, pooled, dropped = [], None, [0]*len(prompts)
-    for tok, te, penultimate in zip(self.tokenizers, self.text_encoders, self.config.clip_skip_penultimate):
+    for i, (tok, te, penultimate) in enumerate(zip(self.tokenizers, self.text_encoders, self.config.clip_skip_penultimate)):
       ids, drop = tok.tokenize(prompts)
       dropped = [max(a, b) for a, b in zip(dropped, drop)]
-      out = te(Tensor(np.array(ids, dtype=np.int32), device=self.device))
-      ctxs.append(out.penultimate_hidden_state if penultimate else out.last_hidden_state)
-      if getattr(out, "text_embeds", None) is not None: pooled = out.text_embeds
+      name = "text_encoder" if i == 0 else f"text_encoder_{i+1}"
+      if (jit := self._jits.get(key := (name, len(ids)))) is None: jit = self._jits[key] = TinyJit(self._encoder_fn(te, penultimate))
+      with self.resident(name): ctx, *proj = (t.clone().realize() for t in jit(Tensor(np.array(ids, dtype=np.int32), device=self.device).realize()))
+      ctxs.append(ctx)   # copies above: a replayed TinyJit writes its outputs into the same buffers every call
+      if proj: pooled = proj[0]
     self.last_truncated = dropped
     ctx = ctxs[0] if len(ctxs) == 1 else Tensor.cat(*ctxs, dim=-1)
     return ctx.cast(self.dtype).realize(), None if pooled is None else pooled.cast(self.dtype).realize()
+
+  @staticmethod
+  def _encoder_fn(te:CLIPTextModel, penultimate:bool):
+    def encode(ids:Tensor) -> list[Tensor]:
+      out = te(ids)
+      hidden = out.penultimate_hidden_state if penultimate else out.last_hidden_state
+      return [t.contiguous().realize() for t in ((hidden,) if out.text_embeds is None else (hidden, out.text_embeds))]
+    return encode
 
   # ** denoising
 
@@ -74,11 +100,19 @@ class StableDiffusion:
     def step(x:Tensor, t:Tensor, ctx:Tensor, g:Tensor, extra:Tensor|None, text_embeds:Tensor|None, time_ids:Tensor|None) -> Tensor:
       inp = x if extra is None else x.cat(extra, dim=1)   # 9-channel inpainting UNets take [latents, mask, masked-image latents]
       kw = {} if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-      if not cfg: return self.unet(inp.cast(self.dtype), t, ctx, **kw).float().realize()
-      out = self.unet(inp.cat(inp).cast(self.dtype), t, ctx, **kw).float()
-      uncond, cond = out.chunk(2)
-      return (uncond + g * (cond - uncond)).realize()
+      out = self.unet((inp.cat(inp) if cfg else inp).cast(self.dtype), t, ctx, **kw).float()
+      if cfg:
+        uncond, cond = out.chunk(2)
+        out = uncond + g * (cond - uncond)
+      return self._rewrite(out).realize()
     return step
+
+  def _rewrite(self, out:Tensor) -> Tensor:
+    """The graph rewrites from ops/ that are switched on, applied to a lazy output right before it is realised."""
+    if self.attention_chunk:
+      from ops.attention import install
+      out = install(out, q_chunk=self.attention_chunk, k_chunk=self.attention_chunk)
+    return out
 
   def denoiser(self, ctx:Tensor, guidance_scale:float, extra:np.ndarray|None=None, text_embeds:Tensor|None=None, time_ids:Tensor|None=None):
     """model(x, t) for the samplers: numpy in, numpy out; CFG batched as [uncond, cond] and skipped when guidance is 1."""
@@ -86,7 +120,7 @@ class StableDiffusion:
     g = Tensor([guidance_scale], dtype=dtypes.float32, device=self.device).realize()
     ex = None if extra is None else Tensor(extra.astype(np.float32), device=self.device).realize()
     def model(x:np.ndarray, t:float) -> np.ndarray:
-      key = (x.shape, cfg, ctx.shape, None if ex is None else ex.shape, text_embeds is not None)
+      key = ("unet", x.shape, cfg, ctx.shape, None if ex is None else ex.shape, text_embeds is not None, self.attention_chunk)
       if (jit := self._jits.get(key)) is None: jit = self._jits[key] = TinyJit(self._step_fn(cfg))
       xt = Tensor(x.astype(np.float32), device=self.device).realize()
       tt = Tensor([float(t)], dtype=dtypes.float32, device=self.device).realize()
@@ -111,15 +145,38 @@ class StableDiffusion:
     sched = sched or samplers.schedule(sampler, steps, self.config.scheduler)
     calls = len(sched.timesteps) - start               # PLMS makes one more model call than steps
     bar = tqdm(total=calls, desc="sampling", disable=not progress, unit="it")
-    for i, x in enumerate(samplers.SAMPLERS[sampler](model, x, sched, noise=ancestral_noise, start=start)):
-      if blend is not None: x = blend(start + i + 1, x)
-      bar.update(1)
+    with self.resident("unet"):
+      gen, k = samplers.SAMPLERS[sampler](model, x, sched, noise=ancestral_noise, start=start), start
+      x = next(gen)
+      while True:
+        k += 1
+        bar.update(1)
+        if blend is not None: x = blend(k, x)
+        try: x = gen.send(x)   # the (blended) latents go back into the sampler: its next step starts from them
+        except StopIteration: break
     return x
 
   def decode(self, latents:np.ndarray) -> np.ndarray:
+    """Scaled latents -> (B,H,W,3) in [0,1]. The SD VAE decoder can overflow in fp16 on real images: on a non-finite result the VAE is
+    upcast to fp32 (losslessly, and for good) and the decode repeated, so fp16 never returns a black or NaN image."""
     z = Tensor(latents.astype(np.float32), device=self.device) / self.vae.scaling_factor
-    img = self.vae.decode(z.cast(self.dtype)).float()
-    return ((img + 1) / 2).clip(0, 1).permute(0, 2, 3, 1).numpy()
+    with self.resident("vae"):
+      img = self._rewrite(self.vae.decode(z.cast(self.vae_dtype)).float()).numpy()
+      if not np.isfinite(img).all() and self.vae_dtype != dtypes.float32:
+        self.upcast_vae()
+        img = self._rewrite(self.vae.decode(z).float()).numpy()
+    return np.clip((img + 1) / 2, 0, 1).transpose(0, 2, 3, 1)
+
+  @property
+  def vae_dtype(self): return self.vae.decoder.conv_in.weight.dtype
+
+  def upcast_vae(self):
+    from tinygrad.nn.state import get_parameters
+    if self._sources is not None and "vae" in self._sources:
+      self._sources["vae"] = [(p, lazy.cast(dtypes.float32) if dtypes.is_float(lazy.dtype) else lazy) for p, lazy in self._sources["vae"]]
+    params = get_parameters(self.vae)
+    for p in params: p.replace(p.cast(dtypes.float32))
+    Tensor.realize(*params)
 
   def txt2img(self, prompt, negative_prompt="", steps=20, guidance_scale=7.5, width=512, height=512, seed=0, sampler="plms", batch_size=1,
               latents=None, output_type="pil", progress=False, ancestral_noise=None):
@@ -131,15 +188,20 @@ class StableDiffusion:
     if x.shape != (len(prompts),) + shape: raise InputError(f"latents must have shape {(len(prompts),) + shape}, got {x.shape}")
     model = self.denoiser(ctx, guidance_scale, text_embeds=pooled, time_ids=time_ids)
     x = self._run(model, x, steps, sampler, seed, progress=progress, ancestral_noise=ancestral_noise)
-    images = self.decode(x)
+    return self._output(x, output_type)
+
+  def _output(self, latents:np.ndarray, output_type:str):
+    if output_type == "latent": return latents   # final scaled latents (B,4,H/8,W/8), undecoded
+    images = self.decode(latents)
     return images if output_type == "np" else to_pil(images)
 
   def encode_image(self, images:np.ndarray, sample_noise:np.ndarray|None=None) -> np.ndarray:
     """(B,H,W,3) in [0,1] -> scaled latents: the VAE posterior mean, or a posterior sample when `sample_noise` (latent-shaped) is given."""
     x = Tensor(images.transpose(0, 3, 1, 2).astype(np.float32) * 2 - 1, device=self.device)
-    post = self.vae.encode(x.cast(self.dtype))
-    z = post.mean if sample_noise is None else post.sample(Tensor(sample_noise.astype(np.float32), device=self.device).cast(self.dtype))
-    return (z.float() * self.vae.scaling_factor).numpy()
+    with self.resident("vae"):
+      post = self.vae.encode(x.cast(self.vae_dtype))
+      z = post.mean if sample_noise is None else post.sample(Tensor(sample_noise.astype(np.float32), device=self.device).cast(self.vae_dtype))
+      return (z.float() * self.vae.scaling_factor).numpy()
 
   def img2img(self, prompt, image, strength=0.75, negative_prompt="", steps=20, guidance_scale=7.5, sampler="ddim", seed=0, noise=None,
               batch_size=1, output_type="pil", progress=False, ancestral_noise=None, sample_posterior=False):
@@ -177,14 +239,13 @@ class StableDiffusion:
     if not (inpaint and nine and start == 0):   # a 9-channel UNet at full strength starts from pure noise and needs no image latents
       x0 = np.repeat(self.encode_image(init[None], None if post_noise is None else post_noise[:1]), n, axis=0)
     if start >= len(sched.timesteps):            # strength 0: nothing to denoise
-      images = self.decode(x0)
-      return images if output_type == "np" else to_pil(images)
+      return self._output(x0, output_type)
     x = noise if start == 0 else samplers.add_noise(x0, noise, sched, start)
     extra, blend = None, None
     if inpaint:
       m_lat = np.broadcast_to(m[::s, ::s][None, None], (n, 1) + lat_shape[1:]).astype(np.float32)   # nearest, as diffusers' interpolate
       if nine:
-        masked = init * (m < 0.5)[..., None]
+        masked = np.where((m < 0.5)[..., None], init, 0.5)   # the repaint area becomes 0 in [-1,1] pixel space, as diffusers does
         mz = self.encode_image(masked[None], None if post_noise is None else post_noise[:1])
         extra = np.concatenate([m_lat, np.repeat(mz, n, axis=0)], axis=1)
       else:
@@ -194,8 +255,7 @@ class StableDiffusion:
           return (1 - m_lat) * known + m_lat * x
     model = self.denoiser(ctx, guidance_scale, extra=extra, text_embeds=pooled, time_ids=time_ids)
     x = self._run(model, x, steps, sampler, seed, start=start, progress=progress, blend=blend, ancestral_noise=ancestral_noise, sched=sched)
-    images = self.decode(x)
-    return images if output_type == "np" else to_pil(images)
+    return self._output(x, output_type)
 
   @property
   def vae_scale(self) -> int: return 2 ** (len(self.config.vae.block_out_channels) - 1)   # 8 for every real SD VAE
@@ -255,9 +315,10 @@ def random_pipeline(config:ModelConfig, dtype="float32", device:str|None=None, s
   Tensor.realize(*place(pipe))
   return pipe
 
-def load(path, dtype="float32", device:str|None=None, config=None) -> StableDiffusion:
-  """A pipeline from a single-file .safetensors (CompVis/A1111 layout) or a diffusers folder; weights are read once, lazily, in the given dtype."""
-  from tinygrad.nn.state import load_state_dict
+def load(path, dtype="float32", device:str|None=None, config=None, lowmem:bool=False) -> StableDiffusion:
+  """A pipeline from a single-file .safetensors (CompVis/A1111 layout) or a diffusers folder, in the given dtype. Weights are read lazily
+  from the memory-mapped file: all at once here, or with lowmem=True each model just in time for its use (see StableDiffusion.resident)."""
+  from tinygrad.nn.state import load_state_dict, get_parameters
   from tinysd.checkpoint import read_checkpoint, CheckpointError
   ck = read_checkpoint(path, dtype=str(parse_dtype(dtype).name) if not isinstance(dtype, str) else dtype, config=config)
   toks = [CLIPTokenizer.from_folder(d) if d is not None else CLIPTokenizer(pad_token_id=p)
@@ -266,5 +327,7 @@ def load(path, dtype="float32", device:str|None=None, config=None) -> StableDiff
   for name, model in components(pipe).items():
     try: load_state_dict(model, ck.state_dicts[name], strict=True, verbose=False, realize=False)
     except (KeyError, ValueError) as e: raise CheckpointError(f"{name}: {e}") from None
-  Tensor.realize(*place(pipe))
+  params = place(pipe)
+  if lowmem: pipe._sources = {name: [(p, p.uop) for p in get_parameters(m)] for name, m in components(pipe).items()}
+  else: Tensor.realize(*params)
   return pipe

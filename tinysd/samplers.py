@@ -112,7 +112,11 @@ def _noise(noise:Noise | None) -> Noise:
   rng = np.random.default_rng(0)
   return lambda shape: rng.standard_normal(shape, dtype=np.float32)
 
-# *** samplers: generators yielding x after every model call. `start` > 0 runs img2img from an add_noise output.
+def _fed_back(sent, x:np.ndarray) -> np.ndarray:
+  # a caller may send() a modified x back into the generator (inpainting's masked blend); a plain for-loop sends None
+  return x if sent is None else np.asarray(sent, np.float32)
+
+# *** samplers: generators yielding x after every model call (send() replaces it). `start` > 0 runs img2img from an add_noise output.
 
 def sample_euler(model:Model, x:np.ndarray, sched:Schedule, *, noise:Noise | None=None, start:int=0) -> Iterator[np.ndarray]:
   """Euler method on the probability-flow ODE (Karras et al. 2022, alg. 2 without churn)."""
@@ -120,7 +124,7 @@ def sample_euler(model:Model, x:np.ndarray, sched:Schedule, *, noise:Noise | Non
   for i in range(start, len(sched.timesteps)):
     x0, sig, sig_next = _denoise_ve(model, x, sched, i), float(sched.sigmas[i]), float(sched.sigmas[i + 1])
     x = x + (x - x0) / np.float32(sig) * np.float32(sig_next - sig)
-    yield x
+    x = _fed_back((yield x), x)
 
 def sample_euler_ancestral(model:Model, x:np.ndarray, sched:Schedule, *, noise:Noise | None=None, start:int=0) -> Iterator[np.ndarray]:
   """Euler ancestral: Euler step down to σ_down, then fresh noise up to σ_next (k-diffusion sample_euler_ancestral, eta=1)."""
@@ -131,7 +135,7 @@ def sample_euler_ancestral(model:Model, x:np.ndarray, sched:Schedule, *, noise:N
     down = math.sqrt(sig_next ** 2 - up ** 2)
     # noise is drawn on every step, even the last (up = 0), so a shared generator stays in step with diffusers
     x = x + (x - x0) / np.float32(sig) * np.float32(down - sig) + noise(x.shape) * np.float32(up)
-    yield x
+    x = _fed_back((yield x), x)
 
 def sample_ddim(model:Model, x:np.ndarray, sched:Schedule, *, noise:Noise | None=None, start:int=0, eta:float=0.0) -> Iterator[np.ndarray]:
   """DDIM (Song et al. 2020, eq. 12); eta=0 is deterministic, eta=1 is DDPM-like."""
@@ -144,7 +148,7 @@ def sample_ddim(model:Model, x:np.ndarray, sched:Schedule, *, noise:Noise | None
     std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5
     x = ab_prev ** 0.5 * x0 + (1 - ab_prev - std ** 2) ** 0.5 * eps
     if eta > 0: x = x + np.float32(std) * noise(x.shape)
-    yield x
+    x = _fed_back((yield x), x)
 
 def sample_plms(model:Model, x:np.ndarray, sched:Schedule, *, noise:Noise | None=None, start:int=0) -> Iterator[np.ndarray]:
   """PLMS: pseudo linear multi-step (Liu et al. 2022, PNDM eq. 12) with CompVis' Heun-like warm-up, 4th-order Adams-Bashforth after."""
@@ -165,7 +169,7 @@ def sample_plms(model:Model, x:np.ndarray, sched:Schedule, *, noise:Noise | None
     # raw outputs are combined before conversion, as diffusers does; for v-prediction that converts with the current x and ᾱ
     eps = _convert(out, x, ab ** 0.5, (1 - ab) ** 0.5, sched.prediction_type)[1]
     x = (ab_prev / ab) ** 0.5 * x - (ab_prev - ab) / (ab * (1 - ab_prev) ** 0.5 + (ab * (1 - ab) * ab_prev) ** 0.5) * eps
-    yield x
+    x = _fed_back((yield x), x)
 
 def sample_dpmpp_2m(model:Model, x:np.ndarray, sched:Schedule, *, noise:Noise | None=None, start:int=0) -> Iterator[np.ndarray]:
   """DPM-Solver++(2M) (Lu et al. 2022, alg. 2), data prediction, first order on the first and last step."""
@@ -180,7 +184,7 @@ def sample_dpmpp_2m(model:Model, x:np.ndarray, sched:Schedule, *, noise:Noise | 
       d = x0 if x0_prev is None else x0 + np.float32(h / (2 * h_prev)) * (x0 - x0_prev)
       x = np.float32(sig_next * a_next / (sig * a)) * x - np.float32(a_next * math.expm1(-h)) * d
     x0_prev, h_prev = x0, h
-    yield x
+    x = _fed_back((yield x), x)
 
 SAMPLERS: dict[str, Callable[..., Iterator[np.ndarray]]] = {
   "plms": sample_plms, "ddim": sample_ddim, "euler": sample_euler, "euler_a": sample_euler_ancestral,
