@@ -44,7 +44,7 @@ class StableDiffusion:
     self.last_truncated: list[int] = []   # tokens dropped per prompt by the last encode_prompt (the CLI warns about it)
     self._jits: dict[tuple, TinyJit] = {}
     self._sources: dict[str, list[tuple[Tensor, object]]] | None = None   # lowmem: component -> (parameter, its lazy file-read graph)
-    self.attention_chunk: int | None = None   # split attention (ops/attention.py) into tiles of this many queries x keys; None = plain SDPA
+    self.attention_chunk: int | None = 1024   # split attention (ops/attention.py), tiles of this many queries x keys (less memory, and faster on CPU); None = plain SDPA
 
   @contextmanager
   def resident(self, name:str):
