@@ -33,7 +33,7 @@ def main() -> int:
   p = bench.parser()
   p.add_argument("--vs", choices=["diffusers"], default=None, help="also time diffusers on PyTorch CPU in this run and print the ratio")
   a = p.parse_args()
-  r = bench.run(a.model, a.size, a.steps, a.dtype, a.guidance, a.batch)
+  r = bench.run(a.model, a.size, a.steps, a.dtype, a.guidance, a.batch, a.attention_chunk)
   print(bench.report(r))
   if a.vs == "diffusers":
     d = diffusers_reference(a.model, a.size, a.steps, a.batch, a.guidance)

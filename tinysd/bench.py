@@ -28,13 +28,15 @@ def timed(fn):
   t0 = time.perf_counter(); out = fn(); _sync()
   return out, time.perf_counter() - t0, GlobalCounters.global_ops, GlobalCounters.kernel_count
 
-def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1, log=print) -> dict:
+def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1, attention_chunk=1024, log=print) -> dict:
   from tinysd.pipeline import random_pipeline
   cfg = MODELS[model]
   mem = PeakMemory()
   r: dict = {"model": model, "size": size, "dtype": dtype, "batch": batch, "device": Device.DEFAULT}
   t0 = time.perf_counter()
   pipe = random_pipeline(cfg, dtype)
+  pipe.attention_chunk = attention_chunk or None
+  r["attention_chunk"] = attention_chunk
   r["init_s"] = time.perf_counter() - t0
   log(f"random weights built in {r['init_s']:.1f} s")
   (ctx, pooled), r["text_encoder_s"], _, _ = timed(lambda: pipe._encode([""] * batch + ["a photograph of an astronaut riding a horse"] * batch))
@@ -65,7 +67,8 @@ def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1,
 
 def report(r:dict) -> str:
   return "\n".join([
-    f"tinysd {r['model']} {r['size']}x{r['size']} {r['dtype']} batch {r['batch']} on {r['device']}",
+    f"tinysd {r['model']} {r['size']}x{r['size']} {r['dtype']} batch {r['batch']} on {r['device']}, "
+    f"attention {'split ' + str(r['attention_chunk']) if r['attention_chunk'] else 'plain'}",
     f"  text encoder          {r['text_encoder_s']:8.2f} s",
     f"  first UNet step       {r['first_step_s']:8.2f} s  (incl. scheduling + compile, {r['unet_kernels']} kernels)",
     f"  steady UNet step      {r['step_s']:8.2f} s  (CFG batch {2*r['batch']}, {r['step_gflops']:.1f} GFLOP/s)",
@@ -82,12 +85,13 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--guidance", type=float, default=7.5)
+  p.add_argument("--attention-chunk", type=int, default=1024, help="split attention tile (tokens); 0 = plain attention")
   return p
 
 def main(argv=None) -> int:
   a = parser().parse_args(argv)
   if a.size % 8: print("tinysd: error: --size must be a multiple of 8", file=sys.stderr); return 2
-  print(report(run(a.model, a.size, a.steps, a.dtype, a.guidance, a.batch)))
+  print(report(run(a.model, a.size, a.steps, a.dtype, a.guidance, a.batch, a.attention_chunk)))
   return 0
 
 if __name__ == "__main__": sys.exit(main())

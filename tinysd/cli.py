@@ -71,18 +71,19 @@ def _common(p:argparse.ArgumentParser, image=False, mask=False):
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
   p.add_argument("--output", default="out.png")
+  p.add_argument("--lowmem", action="store_true", help="bring each model in from the checkpoint just for its use (less memory, slower)")
+  p.add_argument("--attention-chunk", type=int, default=1024, help="split attention into tiles of this many tokens; 0 = plain attention")
   if image:
     p.add_argument("--image", required=True)
     p.add_argument("--strength", type=float, default=0.75)
   if mask: p.add_argument("--mask", default=None, help="white = repaint; default: the image's alpha channel, or pure green pixels")
 
 def cmd_txt2img(a) -> int:
-  import tinysd
   from tinysd.pipeline import check_generation_args
   check_generation_args(a.width, a.height, a.steps, a.guidance, a.sampler, a.batch)
   paths = output_paths(a.output, a.batch)
   seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
-  pipe = tinysd.load(resolve_model(a.model), dtype=a.dtype)
+  pipe = _load(a)
   t0 = time.perf_counter()
   images = pipe.txt2img(a.prompt, a.negative_prompt, steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height, seed=seed,
                         sampler=a.sampler, batch_size=a.batch, progress=True)
@@ -94,7 +95,6 @@ def cmd_txt2img(a) -> int:
   return 0
 
 def cmd_img2img(a, inpaint=False) -> int:
-  import tinysd
   from tinysd.pipeline import check_generation_args, check_strength
   from tinysd.images import load_image, inpaint_mask
   check_strength(a.strength)
@@ -104,7 +104,7 @@ def cmd_img2img(a, inpaint=False) -> int:
   mask = inpaint_mask(a.image, a.mask, (w, h)) if inpaint else None
   paths = output_paths(a.output, a.batch)
   seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
-  pipe = tinysd.load(resolve_model(a.model), dtype=a.dtype)
+  pipe = _load(a)
   kw = dict(negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps, guidance_scale=a.guidance, seed=seed, sampler=a.sampler,
             batch_size=a.batch, progress=True)
   images = pipe.inpaint(a.prompt, init, mask, **kw) if inpaint else pipe.img2img(a.prompt, init, **kw)
@@ -114,6 +114,13 @@ def cmd_img2img(a, inpaint=False) -> int:
     save_png_atomic(im, p, a1111_parameters(a.prompt, a.negative_prompt, a.steps, a.sampler, a.guidance, seed + i, w, h, a.model, **extra))
     print(f"wrote {p}")
   return 0
+
+def _load(a):
+  import tinysd
+  if a.attention_chunk < 0: raise UsageError(f"--attention-chunk must be >= 0, got {a.attention_chunk}")
+  pipe = tinysd.load(resolve_model(a.model), dtype=a.dtype, lowmem=a.lowmem)
+  pipe.attention_chunk = a.attention_chunk or None
+  return pipe
 
 def _warn_truncated(pipe):
   if (n := max(pipe.last_truncated, default=0)) > 0:
