@@ -71,3 +71,32 @@ def test_pil_output_and_bad_sizes(pipes):
   assert len(ims) == 2 and ims[0].size == (SIZE, SIZE + 8) and ims[0].mode == "RGB"
   with pytest.raises(ValueError, match="multiple of 8"): pipe.txt2img("a cat", steps=1, width=60, height=64)
   with pytest.raises(ValueError, match="unknown sampler"): pipe.txt2img("a cat", steps=1, width=64, height=64, sampler="heun++")
+
+def test_lowmem_residency_matches_and_releases(folder, pipes):
+  _, pipe = pipes
+  lean = tinysd.load(folder, lowmem=True)
+  lat = SIZE // pipe.vae_scale
+  x_T = np.random.default_rng(6).standard_normal((1, 4, lat, lat), dtype=np.float32)
+  kw = dict(steps=2, guidance_scale=7.5, width=SIZE, height=SIZE, sampler="ddim", latents=x_T, output_type="np")
+  assert np.array_equal(lean.txt2img("a cat", **kw), pipe.txt2img("a cat", **kw))
+  # after the call no model holds a realised weight buffer: each is a lazy read of the checkpoint again
+  assert not lean.unet.conv_in.weight.uop.is_realized and not lean.vae.decoder.conv_in.weight.uop.is_realized
+  assert not any(k[0] == "unet" for k in lean._jits)
+
+def test_fp16_vae_overflow_falls_back_to_fp32(folder):
+  from tinygrad import dtypes
+  from tinygrad.nn.state import get_parameters
+  pipe = tinysd.load(folder, dtype="float16")
+  # blow up one decoder conv so its activations overflow fp16 (max 65504) but stay finite in fp32
+  w = pipe.vae.decoder.conv_in.weight
+  w.replace((w.float() * 3e4).cast(dtypes.float16)).realize()
+  lat = SIZE // pipe.vae_scale
+  z = np.random.default_rng(7).standard_normal((1, 4, lat, lat), dtype=np.float32)
+  from tinygrad import Tensor
+  raw16 = pipe.vae.decode(Tensor(z / pipe.vae.scaling_factor).cast(dtypes.float16)).float().numpy()
+  assert not np.isfinite(raw16).all()   # the setup really overflows in fp16
+  img = pipe.decode(z)
+  assert np.isfinite(img).all() and pipe.vae_dtype == dtypes.float32
+  want = ((pipe.vae.decode(Tensor(z / pipe.vae.scaling_factor)).float().numpy() + 1) / 2).clip(0, 1).transpose(0, 2, 3, 1)
+  assert np.abs(img - want).max() < 1e-5
+  assert all(p.dtype == dtypes.float32 for p in get_parameters(pipe.vae))

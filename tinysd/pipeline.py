@@ -308,10 +308,12 @@ def place(pipe:StableDiffusion) -> list[Tensor]:
 def random_pipeline(config:ModelConfig, dtype="float32", device:str|None=None, seed:int=0) -> StableDiffusion:
   """Real-size models with random weights (N(0, 1/fan_in): activations stay O(1)), for benchmarks: speed and memory do not depend on values."""
   pipe, placeholders = build(config, dtype, device)
-  rng = np.random.default_rng(seed)
+  rng, batch, nbytes = np.random.default_rng(seed), [], 0
   for p in placeholders:
     fan_in = int(np.prod(p.shape[1:])) if len(p.shape) > 1 else 1
-    p.replace(Tensor(rng.standard_normal(p.shape, dtype=np.float32) * np.float32(fan_in ** -0.5 if len(p.shape) > 1 else 0.02)))
+    p.replace(Tensor(rng.standard_normal(p.shape, dtype=np.float32) * np.float32(fan_in ** -0.5 if len(p.shape) > 1 else 0.02)).cast(pipe.dtype))
+    batch.append(p); nbytes += p.nbytes()
+    if nbytes > 1 << 28: Tensor.realize(*batch); batch, nbytes = [], 0   # bounded numpy staging, not a second copy of the model
   Tensor.realize(*place(pipe))
   return pipe
 
