@@ -26,6 +26,8 @@ def check_generation_args(width:int, height:int, steps:int, guidance_scale:float
   if batch_size < 1: raise InputError(f"batch size must be >= 1, got {batch_size}")
   if sampler not in samplers.SAMPLERS: raise InputError(f"unknown sampler '{sampler}'; choose from: {', '.join(samplers.SAMPLERS)}")
 
+def te_name(i:int) -> str: return "text_encoder" if i == 0 else f"text_encoder_{i+1}"   # diffusers' component names
+
 def check_strength(strength:float):
   if not 0 <= strength <= 1: raise InputError(f"strength must be in [0, 1], got {strength}")
 
@@ -77,7 +79,7 @@ class StableDiffusion:
     for i, (tok, te, penultimate) in enumerate(zip(self.tokenizers, self.text_encoders, self.config.clip_skip_penultimate)):
       ids, drop = tok.tokenize(prompts)
       dropped = [max(a, b) for a, b in zip(dropped, drop)]
-      name = "text_encoder" if i == 0 else f"text_encoder_{i+1}"
+      name = te_name(i)
       if (jit := self._jits.get(key := (name, len(ids)))) is None: jit = self._jits[key] = TinyJit(self._encoder_fn(te, penultimate))
       with self.resident(name): ctx, *proj = (t.clone().realize() for t in jit(Tensor(np.array(ids, dtype=np.int32), device=self.device).realize()))
       ctxs.append(ctx)   # copies above: a replayed TinyJit writes its outputs into the same buffers every call
@@ -249,7 +251,6 @@ class StableDiffusion:
         mz = self.encode_image(masked[None], None if post_noise is None else post_noise[:1])
         extra = np.concatenate([m_lat, np.repeat(mz, n, axis=0)], axis=1)
       else:
-        if x0 is None: x0 = np.repeat(self.encode_image(init[None]), n, axis=0)
         def blend(k, x):   # keep the known region on the noise level of the next step; the exact init latents after the last one
           known = samplers.add_noise(x0, noise, sched, k) if k < len(sched.timesteps) else x0
           return (1 - m_lat) * known + m_lat * x
@@ -294,7 +295,7 @@ def build(config:ModelConfig, dtype="float32", device:str|None=None, tokenizers:
   return pipe, init.made
 
 def components(pipe:StableDiffusion) -> dict:
-  return {"unet": pipe.unet, "vae": pipe.vae, **{("text_encoder" if i == 0 else f"text_encoder_{i+1}"): te for i, te in enumerate(pipe.text_encoders)}}
+  return {"unet": pipe.unet, "vae": pipe.vae, **{te_name(i): te for i, te in enumerate(pipe.text_encoders)}}
 
 def place(pipe:StableDiffusion) -> list[Tensor]:
   """Cast every float parameter to the pipeline dtype and move it to its device, lazily; returns the parameters to realise."""
