@@ -113,6 +113,7 @@ class UNet2DConditionModel:
                       for i, t in enumerate(cfg.up_block_types)]
     self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
     self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+    self.keep_skip = None   # hook on the copies of the skip tensors held from the down path to the up path (ops/shortcuts.py)
 
   def __call__(self, sample:Tensor, timestep:Tensor|float|int, encoder_hidden_states:Tensor,
                text_embeds:Tensor|None=None, time_ids:Tensor|None=None) -> Tensor:
@@ -126,10 +127,11 @@ class UNet2DConditionModel:
       emb = emb + self.add_embedding(text_embeds.cast(dt).cat(tid.cast(dt), dim=-1))
     ctx = encoder_hidden_states.cast(dt)
     x = self.conv_in(sample.cast(dt))
-    skips = [x]
+    keep = self.keep_skip or (lambda t: t)   # only the stored copies go through it: the down path goes on with the plain tensors
+    skips = [keep(x)]
     for blk in self.down_blocks:
       x, s = blk(x, emb, ctx)
-      skips += s
+      skips += [keep(t) for t in s]
     x = self.mid_block(x, emb, ctx)
     for blk in self.up_blocks:
       n = len(blk.resnets)
