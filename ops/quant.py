@@ -120,18 +120,20 @@ class QuantWeight:
     return QuantWeight(mode, w.shape, dtype, {k: v.contiguous().realize() for k, v in t.items()})
 
   @staticmethod
-  def empty(meta:dict, dtype:DType, device:str|None=None) -> QuantWeight:
-    # placeholder with the right shapes for load(): the file's tensors replace these
+  def layout(meta:dict) -> dict[str, tuple[tuple[int, ...], DType|None]]:
+    """name -> (shape, dtype; None = the float compute dtype) of the tensors of a weight described by meta()."""
     mode, shape = meta["mode"], tuple(meta["shape"])
     O, R = shape[0], math.prod(shape[1:])
-    if mode == "int8":
-      t = {"q": Tensor.empty(*shape, dtype=dtypes.int8, device=device), "scale": Tensor.empty(O, dtype=dtype, device=device)}
-      if meta["cols"]: t["outliers"] = Tensor.empty(O, len(meta["cols"]), dtype=dtype, device=device)
-    else:
-      bits = MODES[mode]
-      t = {"idx": Tensor.empty(pack(np.zeros((O, 1), np.uint8), bits).shape[0], R, dtype=dtypes.uint8, device=device),
-           "lut": Tensor.empty(meta["groups"], 2 ** bits, dtype=dtype, device=device)}
-    return QuantWeight(mode, shape, dtype, t, meta.get("cols", ()))
+    if mode == "int8": return {"q": (shape, dtypes.int8), "scale": ((O,), None)} | ({"outliers": ((O, len(meta["cols"])), None)} if meta["cols"] else {})
+    bits = MODES[mode]
+    return {"idx": ((pack(np.zeros((O, 1), np.uint8), bits).shape[0], R), dtypes.uint8), "lut": ((meta["groups"], 2 ** bits), None)}
+
+  @staticmethod
+  def empty(meta:dict, dtype:DType, device:str|None=None) -> QuantWeight:
+    # placeholder with the right shapes for load(): the file's tensors replace these
+    if meta["mode"] not in MODES: raise ValueError(f"unknown mode {meta['mode']!r}, expected one of {tuple(MODES)}")
+    t = {k: Tensor.empty(*shp, dtype=dt or dtype, device=device) for k, (shp, dt) in QuantWeight.layout(meta).items()}
+    return QuantWeight(meta["mode"], tuple(meta["shape"]), dtype, t, meta.get("cols", ()))
 
   def meta(self) -> dict:
     return {"mode": self.mode, "shape": list(self.shape)} | ({"cols": list(self.cols)} if self.mode == "int8" else {"groups": self.lut.shape[0]})
@@ -302,13 +304,7 @@ def load(model, fn:str, realize:bool=True) -> dict:
   """Restores a file written by save into a freshly built float model: the layers named in its metadata are replaced by quantised
   layers, then every tensor is loaded (cast to the dtype the model holds it in). Returns the per-layer metadata."""
   meta = _read_meta(fn)
-  for name, m in meta.items():
-    parent, key = _resolve(model, name)
-    layer = parent[key] if isinstance(parent, (list, dict)) else getattr(parent, key)
-    if not _quantizable(layer): raise ValueError(f"{name} is not a Linear/Conv2d in this model")
-    qw = QuantWeight.empty(m, layer.weight.dtype, layer.weight.device)
-    q = QuantLinear(qw, layer.bias) if m["kind"] == "linear" else QuantConv2d(qw, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-    _set(parent, key, q)
+  swap_layers(model, meta)
   file, mine = safe_load(fn), get_state_dict(model)
   if mine.keys() != file.keys():
     raise ValueError(f"state dict mismatch: missing {sorted(mine.keys() - file.keys())[:5]}, unexpected {sorted(file.keys() - mine.keys())[:5]}")
@@ -317,6 +313,19 @@ def load(model, fn:str, realize:bool=True) -> dict:
     v.replace(file[k].to(v.device).cast(v.dtype))
   if realize: Tensor.realize(*mine.values())
   return meta
+
+def swap_layers(model, meta:dict, dtype:DType|None=None) -> None:
+  """Replaces the layers named in meta (layer name -> QuantWeight.meta() + "kind") by quantised layers with empty placeholder weights of
+  the right shapes, to be filled by load_state_dict; dtype is the compute dtype (default: the float layer's)."""
+  for name, m in meta.items():
+    try: parent, key = _resolve(model, name)
+    except (AttributeError, KeyError, IndexError, ValueError): raise ValueError(f"{name}: no such layer in this model") from None
+    layer = parent[key] if isinstance(parent, (list, dict)) else getattr(parent, key)
+    if not _quantizable(layer): raise ValueError(f"{name} is not a Linear/Conv2d in this model")
+    if tuple(m["shape"]) != tuple(layer.weight.shape): raise ValueError(f"{name}: quantised shape {tuple(m['shape'])}, model {layer.weight.shape}")
+    qw = QuantWeight.empty(m, dtype or layer.weight.dtype, layer.weight.device)
+    q = QuantLinear(qw, layer.bias) if m["kind"] == "linear" else QuantConv2d(qw, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    _set(parent, key, q)
 
 def _read_meta(fn:str) -> dict:
   with open(fn, "rb") as f: md = json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__", {})

@@ -76,3 +76,17 @@ def rewrite_sdpa(tensors:list[Tensor], impl:Callable[..., Tensor|None]) -> tuple
   ctx = {"impl": impl, "count": 0}
   sink = graph_rewrite(UOp.sink(*[t.uop for t in tensors]), pm_swap_sdpa, ctx=ctx, enter_calls=True, name="split attention")
   return [t if s is t.uop else Tensor(s) for t, s in zip(tensors, sink.src)], ctx["count"]
+
+# *** memory-mapped checkpoints ***
+
+def drop_file_pages():
+  """Lets the kernel unmap every checkpoint page tinygrad's DISK devices have touched. tinygrad reads a safetensors file through one
+  mmap of the whole file, and each page read stays mapped, counting in this process's RSS as long as any lazy tensor keeps the file open
+  (lowmem keeps them all open): a model copied into device buffers would then be counted twice. MADV_DONTNEED on a file mapping loses
+  nothing (the pages stay in the page cache; a later read maps them again)."""
+  import mmap
+  from tinygrad.device import Device
+  for name in [d for d in Device._opened_devices if d.startswith("DISK")]:
+    if (mem := getattr(Device[name], "mem", None)) is not None and hasattr(mmap, "MADV_DONTNEED"):
+      try: mem.madvise(mmap.MADV_DONTNEED)
+      except (OSError, ValueError): pass   # closed meanwhile, or a platform without madvise on this mapping

@@ -86,7 +86,7 @@ def test_lowmem_residency_matches_and_releases(folder, pipes):
 def test_fp16_vae_overflow_falls_back_to_fp32(folder):
   from tinygrad import dtypes
   from tinygrad.nn.state import get_parameters
-  pipe = tinysd.load(folder, dtype="float16")
+  pipe = tinysd.load(folder, dtype="float16", compute_dtype="float16")   # on the CPU fp16 weights compute in fp32 by default
   # blow up one decoder conv so its activations overflow fp16 (max 65504) but stay finite in fp32
   w = pipe.vae.decoder.conv_in.weight
   w.replace((w.float() * 3e4).cast(dtypes.float16)).realize()
@@ -100,3 +100,18 @@ def test_fp16_vae_overflow_falls_back_to_fp32(folder):
   want = ((pipe.vae.decode(Tensor(z / pipe.vae.scaling_factor)).float().numpy() + 1) / 2).clip(0, 1).transpose(0, 2, 3, 1)
   assert np.abs(img - want).max() < 1e-5
   assert all(p.dtype == dtypes.float32 for p in get_parameters(pipe.vae))
+
+def test_fp16_weights_fp32_compute(folder, tmp_path):
+  # fp16 storage + fp32 compute (the CPU default for fp16) computes exactly what fp32 computes on the fp16-rounded weights, while only the
+  # fp16 form is held in memory
+  from tinygrad import dtypes
+  from tinysd.checkpoint import read_checkpoint, write_single_file
+  f16 = tmp_path / "f16.safetensors"
+  ck = read_checkpoint(folder, dtype="float16")
+  write_single_file(ck.state_dicts, ck.config, f16)
+  mixed, full = tinysd.load(f16, dtype="float16", compute_dtype="float32"), tinysd.load(f16, dtype="float32")
+  assert mixed.compute_dtype == dtypes.float32 and mixed.unet.conv_in.weight.dtype == dtypes.float32
+  assert mixed.unet.conv_in.weight.uop.src[0].dtype == dtypes.float16   # a lazy cast of the stored fp16 buffer
+  x = np.random.default_rng(8).standard_normal((1, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
+  kw = dict(steps=2, guidance_scale=7.5, width=SIZE, height=SIZE, sampler="euler", latents=x, output_type="np")
+  assert np.abs(mixed.txt2img("a cat", **kw) - full.txt2img("a cat", **kw)).max() < 1e-5

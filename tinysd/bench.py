@@ -1,14 +1,17 @@
 # Benchmark on random weights at real sizes (speed and memory do not depend on weight values). Prints figures; asserts nothing.
+# The weights are written to a checkpoint by a child process first and loaded the way a user's run loads them (memory-mapped, lazily),
+# so the measuring process's memory peak is a real run's, not the artefact of building random weights.
 from __future__ import annotations
-import argparse, resource, statistics, sys, time
+import argparse, os, resource, statistics, subprocess, sys, tempfile, time
 import numpy as np
-from tinygrad import Tensor, GlobalCounters, Device
+from tinygrad import GlobalCounters, Device
 from tinysd import configs
 
 MODELS = {"sd15": configs.SD15, "sd2": configs.SD2, "sdxl": configs.SDXL}
+QUANT = ["int8", "pal8", "pal6", "pal4"]
 
 class PeakMemory:
-  """Peak of tinygrad's allocated bytes: tinygrad keeps only the current figure, so watch every allocation."""
+  """Peak of tinygrad's allocated bytes (all non-DISK devices): tinygrad keeps only the current figure, so watch every allocation."""
   def __init__(self):
     from tinygrad.device import Buffer
     self.Buffer, self.orig, self.peak = Buffer, Buffer.allocate, GlobalCounters.mem_used
@@ -17,19 +20,28 @@ class PeakMemory:
       self.peak = max(self.peak, GlobalCounters.mem_used)
       return r
     Buffer.allocate = allocate
+  def reset(self) -> float:
+    p, self.peak = self.peak, GlobalCounters.mem_used
+    return p / 2**30
   def close(self): self.Buffer.allocate = self.orig
+
+def _status(field:str) -> float|None:
+  try:
+    with open("/proc/self/status") as f: return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 2**20
+  except (OSError, StopIteration): return None
 
 def rss_gib() -> float:
   """Peak RSS since the last reset_rss_peak() (Linux VmHWM), else since process start."""
-  try:
-    with open("/proc/self/status") as f: return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 2**20
-  except (OSError, StopIteration): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux, bytes on macOS
+  hwm = _status("VmHWM")
+  return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux (bytes on macOS)
 
-def reset_rss_peak():
-  # building random weights is a benchmark artefact (numpy copies); a real run reads them from a checkpoint. Linux only: "5" resets VmHWM
+def reset_rss_peak() -> float:
+  """Returns the peak RSS so far and starts a new window (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
+  peak = rss_gib()
   try:
     with open("/proc/self/clear_refs", "w") as f: f.write("5")
   except OSError: pass
+  return peak
 
 def _sync(): Device[Device.DEFAULT].synchronize()
 
@@ -38,74 +50,149 @@ def timed(fn):
   t0 = time.perf_counter(); out = fn(); _sync()
   return out, time.perf_counter() - t0, GlobalCounters.global_ops, GlobalCounters.kernel_count
 
-def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1, attention_chunk=1024, log=print) -> dict:
-  from tinysd.pipeline import random_pipeline
-  cfg = MODELS[model]
-  mem = PeakMemory()
-  r: dict = {"model": model, "size": size, "dtype": dtype, "batch": batch, "device": Device.DEFAULT}
+def write_weights(path:str, model:str, dtype:str, quant:str|None=None, seed:int=0):
+  """Random real-size weights -> a checkpoint file: CompVis single file, or a tinysd quantised file when quant is given."""
+  from tinysd.pipeline import random_pipeline, components
+  from tinysd.checkpoint import write_single_file, write_quantized
+  from tinygrad.nn.state import get_state_dict
+  pipe = random_pipeline(MODELS[model], dtype, seed=seed, compute_dtype=dtype)   # weights as stored, not as computed
+  if quant:
+    from tinysd.quantize import quantize_pipeline, quant_meta
+    quantize_pipeline(pipe, quant)
+    write_quantized(*quant_meta(pipe), pipe.config, path)
+  else: write_single_file({n: get_state_dict(m) for n, m in components(pipe).items()}, pipe.config, path)
+
+def weights_file(model:str, dtype:str, quant:str|None, path:str|None, log=print) -> tuple[str, bool]:
+  """(path, temporary?) of a weights file for this model/dtype/quant, written by a child process when it does not exist yet."""
+  if path and os.path.exists(path): return path, False
+  tmp = path is None
+  if tmp: path = os.path.join(tempfile.mkdtemp(prefix="tinysd-bench-"), "weights.safetensors")
   t0 = time.perf_counter()
-  pipe = random_pipeline(cfg, dtype)
-  pipe.attention_chunk = attention_chunk or None
-  r["attention_chunk"] = attention_chunk
-  r["init_s"] = time.perf_counter() - t0
-  r["weights_gib"] = GlobalCounters.mem_used / 2**30
-  mem.peak = GlobalCounters.mem_used
+  cmd = [sys.executable, "-m", "tinysd.bench", "--write-weights", path, "--model", model, "--dtype", dtype] + (["--quant", quant] if quant else [])
+  subprocess.run(cmd, check=True)
+  log(f"random weights written to {path} ({os.path.getsize(path)/2**30:.2f} GiB) in {time.perf_counter()-t0:.1f} s")
+  return path, tmp
+
+def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1, attention_chunk=1024, compress_shortcuts=None,
+        lowmem=False, quant=None, vae_tile=None, weights=None, decode_runs=1, compute_dtype=None, log=print) -> dict:
+  import tinysd
+  cfg = MODELS[model]
+  r: dict = {"model": model, "size": size, "dtype": dtype, "batch": batch, "device": Device.DEFAULT, "attention_chunk": attention_chunk,
+             "compress_shortcuts": compress_shortcuts, "lowmem": lowmem, "quant": quant, "vae_tile": vae_tile, "phase_rss": {}, "phase_tg": {}}
+  path, tmp = weights_file(model, dtype, quant, weights, log)
+  r["file_gib"] = os.path.getsize(path) / 2**30
+  mem = PeakMemory()
+  r["baseline_rss_gib"] = _status("VmRSS") or float("nan")
   reset_rss_peak()
-  log(f"random weights built in {r['init_s']:.1f} s")
-  (ctx, pooled), r["text_encoder_s"], _, _ = timed(lambda: pipe._encode([""] * batch + ["a photograph of an astronaut riding a horse"] * batch))
-  log(f"text encoder: {r['text_encoder_s']:.2f} s")
-  lat = size // 8
-  time_ids = None
-  if pooled is not None:
-    time_ids = Tensor([[size, size, 0, 0, size, size]] * pooled.shape[0]).cast(pipe.dtype).realize()
-  model_fn = pipe.denoiser(ctx, guidance, text_embeds=pooled, time_ids=time_ids)
-  x = np.random.default_rng(0).standard_normal((batch, cfg.unet.out_channels, lat, lat), dtype=np.float32)
-  times, ops, kernels = [], [], []
-  for i in range(max(steps, 1) + 2):   # call 1 runs eagerly and compiles, call 2 captures the JIT, later calls replay it
-    _, t, o, k = timed(lambda: model_fn(x, 999.0 - i))
-    times.append(t); ops.append(o); kernels.append(k)
-    log(f"unet step {i+1}: {t:.2f} s ({k} kernels)")
-  r["first_step_s"] = times[0]
-  steady = times[2:]
-  r["step_s"] = statistics.median(steady)
-  r["unet_kernels"] = kernels[0]
-  r["step_gflops"] = ops[0] / 1e9 / r["step_s"] if ops[0] else float("nan")
-  z = x[:batch] if guidance != 1 else x
-  _, r["vae_decode_s"], vae_ops, r["vae_kernels"] = timed(lambda: pipe.decode(z))
-  r["vae_gflops"] = vae_ops / 1e9 / r["vae_decode_s"] if vae_ops else float("nan")
-  r["peak_tinygrad_gib"] = mem.peak / 2**30
-  r["peak_rss_gib"] = rss_gib()
-  mem.close()
+  def phase(name):
+    r["phase_rss"][name], r["phase_tg"][name] = reset_rss_peak(), mem.reset()
+  try:
+    t0 = time.perf_counter()
+    pipe = tinysd.load(path, dtype=dtype, lowmem=lowmem, compute_dtype=compute_dtype)
+    r["load_s"] = time.perf_counter() - t0
+    r["compute_dtype"] = pipe.compute_dtype.name
+    pipe.attention_chunk = attention_chunk or None
+    pipe.compress_shortcuts = compress_shortcuts
+    pipe.vae_tile = vae_tile
+    r["resident_gib"] = GlobalCounters.mem_used / 2**30
+    phase("load")
+    (ctx, pooled), r["text_encoder_s"], _, _ = timed(lambda: pipe._encode([""] * batch + ["a photograph of an astronaut riding a horse"] * batch))
+    log(f"text encoder: {r['text_encoder_s']:.2f} s")
+    phase("text encoder")
+    lat = size // 8
+    time_ids = None
+    if pooled is not None:
+      from tinygrad import Tensor
+      time_ids = Tensor([[size, size, 0, 0, size, size]] * pooled.shape[0]).cast(pipe.dtype).realize()
+    model_fn = pipe.denoiser(ctx, guidance, text_embeds=pooled, time_ids=time_ids)
+    x = np.random.default_rng(0).standard_normal((batch, cfg.unet.out_channels, lat, lat), dtype=np.float32)
+    times, ops, kernels = [], [], []
+    with pipe.resident("unet"):
+      r["unet_weights_gib"] = GlobalCounters.mem_used / 2**30
+      for i in range(max(steps, 1) + 2):   # call 1 runs eagerly and compiles, call 2 captures the JIT, later calls replay it
+        _, t, o, k = timed(lambda: model_fn(x, 999.0 - i))
+        times.append(t); ops.append(o); kernels.append(k)
+        log(f"unet step {i+1}: {t:.2f} s ({k} kernels)")
+    phase("unet")
+    r["first_step_s"], r["step_s"], r["unet_kernels"] = times[0], statistics.median(times[2:]), kernels[0]
+    r["step_gflops"] = ops[0] / 1e9 / r["step_s"] if ops[0] else float("nan")
+    r["vae_decode_s"] = []
+    for _ in range(max(decode_runs, 1)):
+      _, t, vae_ops, r["vae_kernels"] = timed(lambda: pipe.decode(x))
+      r["vae_decode_s"].append(t)
+      log(f"vae decode: {t:.2f} s")
+    r["vae_gflops"] = vae_ops / 1e9 / t if vae_ops else float("nan")
+    phase("vae decode")
+    r["peak_rss_gib"], r["peak_tinygrad_gib"] = max(r["phase_rss"].values()), max(r["phase_tg"].values())
+  finally:
+    mem.close()
+    if tmp:
+      os.unlink(path)
+      os.rmdir(os.path.dirname(path))
   return r
 
+def options(r:dict) -> str:
+  parts = [f"{r['dtype']} weights, {r['compute_dtype']} compute", f"split attention {r['attention_chunk']}" if r["attention_chunk"] else "plain attention"]
+  if r["compress_shortcuts"]: parts.append(f"shortcuts {r['compress_shortcuts']}")
+  if r["lowmem"]: parts.append("lowmem")
+  if r["quant"]: parts.append(f"weights {r['quant']}")
+  if r["vae_tile"]: parts.append(f"VAE tiles {r['vae_tile']}")
+  return ", ".join(parts)
+
 def report(r:dict) -> str:
-  return "\n".join([
-    f"tinysd {r['model']} {r['size']}x{r['size']} {r['dtype']} batch {r['batch']} on {r['device']}, "
-    f"attention {'split ' + str(r['attention_chunk']) if r['attention_chunk'] else 'plain'}",
+  dec = ", ".join(f"{t:.2f}" for t in r["vae_decode_s"])
+  lines = [
+    f"tinysd {r['model']} {r['size']}x{r['size']} batch {r['batch']} on {r['device']}: {options(r)}",
+    f"  weights file          {r['file_gib']:8.2f} GiB",
+    f"  load                  {r['load_s']:8.2f} s  ({r['resident_gib']:.2f} GiB resident after load)",
     f"  text encoder          {r['text_encoder_s']:8.2f} s",
     f"  first UNet step       {r['first_step_s']:8.2f} s  (incl. scheduling + compile, {r['unet_kernels']} kernels)",
     f"  steady UNet step      {r['step_s']:8.2f} s  (CFG batch {2*r['batch']}, {r['step_gflops']:.1f} GFLOP/s)",
-    f"  VAE decode            {r['vae_decode_s']:8.2f} s  ({r['vae_gflops']:.1f} GFLOP/s, {r['vae_kernels']} kernels)",
-    f"  weights (resident)    {r['weights_gib']:8.2f} GiB",
-    f"  peak tinygrad memory  {r['peak_tinygrad_gib']:8.2f} GiB  (weights included, from the end of weight building on)",
-    f"  peak process RSS      {r['peak_rss_gib']:8.2f} GiB  (same window)"])
+    f"  VAE decode            {dec:>8s} s  ({r['vae_kernels']} kernels)",
+    f"  UNet weights          {r['unet_weights_gib']:8.2f} GiB",
+    f"  peak tinygrad memory  {r['peak_tinygrad_gib']:8.2f} GiB",
+    f"  peak process RSS      {r['peak_rss_gib']:8.2f} GiB  (python + libraries at start: {r['baseline_rss_gib']:.2f} GiB)",
+    "  per phase (peak RSS / peak tinygrad GiB): " + ", ".join(f"{k} {r['phase_rss'][k]:.2f}/{r['phase_tg'][k]:.2f}" for k in r["phase_rss"])]
+  return "\n".join(lines)
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="tinysd bench", description="SD benchmark on random weights at real sizes")
-  p.add_argument("--random-weights", action="store_true", help="required for now: build the model with random weights (no checkpoint needed)")
+  p = argparse.ArgumentParser(prog="tinysd bench", description="SD text encoder + UNet steps + VAE decode on random weights at real sizes")
+  p.add_argument("--random-weights", action="store_true", help="accepted for compatibility: the bench always uses random weights")
   p.add_argument("--model", default="sd15", choices=list(MODELS))
   p.add_argument("--size", type=int, default=512)
   p.add_argument("--steps", type=int, default=2, help="timed steady-state UNet steps (after the compile and JIT-capture calls)")
   p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+  p.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                 help="default: --dtype, except fp16/bf16 weights compute in fp32 on the CPU")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--guidance", type=float, default=7.5)
-  p.add_argument("--attention-chunk", type=int, default=1024, help="split attention tile (tokens); 0 = plain attention")
+  p.add_argument("--split-attention", action=argparse.BooleanOptionalAction, default=True, help="online-softmax tiled attention (ops/attention.py)")
+  p.add_argument("--attention-chunk", type=int, default=1024, help="split attention tile (tokens)")
+  p.add_argument("--compress-shortcuts", default=None, choices=["fp16", "int8"], help="hold the UNet skip tensors compressed (ops/shortcuts.py)")
+  p.add_argument("--lowmem", action="store_true", help="each model read from the checkpoint just for its use")
+  p.add_argument("--quant", default=None, choices=QUANT, help="UNet + text encoder weights quantised (loaded from a quantised file)")
+  p.add_argument("--vae-tile", type=int, default=None, help="tiled VAE decode, tile size in latent pixels (ops/tiling.py)")
+  p.add_argument("--weights", default=None, help="reuse (or write, then keep) the random-weights file at this path")
+  p.add_argument("--decode-runs", type=int, default=1, help="VAE decodes to time (the first includes compiling)")
+  p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+  p.add_argument("--write-weights", default=None, help=argparse.SUPPRESS)
   return p
 
 def main(argv=None) -> int:
   a = parser().parse_args(argv)
+  if a.write_weights: write_weights(a.write_weights, a.model, a.dtype, a.quant); return 0
   if a.size % 8: print("tinysd: error: --size must be a multiple of 8", file=sys.stderr); return 2
-  print(report(run(a.model, a.size, a.steps, a.dtype, a.guidance, a.batch, a.attention_chunk)))
+  r = run(**kwargs(a))
+  print(report(r))
+  if a.json:
+    import json
+    with open(a.json, "w") as f: json.dump(r, f, indent=1)
   return 0
+
+def kwargs(a) -> dict:
+  return dict(model=a.model, size=a.size, steps=a.steps, dtype=a.dtype, guidance=a.guidance, batch=a.batch,
+              attention_chunk=a.attention_chunk if a.split_attention else 0, compress_shortcuts=a.compress_shortcuts, lowmem=a.lowmem,
+              quant=a.quant, vae_tile=a.vae_tile, weights=a.weights, decode_runs=a.decode_runs,
+              compute_dtype=a.compute_dtype)
 
 if __name__ == "__main__": sys.exit(main())

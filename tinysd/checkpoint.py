@@ -387,21 +387,27 @@ class Checkpoint:
   layout: str                                  # "single-file" (CompVis) or "diffusers"
   stored_dtypes: dict[str, str]                # component -> dtype(s) as stored in the file
   tokenizer_dirs: list[str|None]|None = None   # per text encoder, diffusers folders only
+  quant: dict[str, dict[str, dict]]|None = None  # tinysd quantised files: component -> layer -> ops.quant metadata
 
   def __getitem__(self, component:str) -> dict[str, Tensor]: return self.state_dicts[component]
   def describe(self) -> str:
     c = self.config
-    lines = [f"path: {self.path}", f"layout: {'diffusers folder' if self.layout == 'diffusers' else 'CompVis single file'}",
+    lines = [f"path: {self.path}", f"layout: {_LAYOUT_NAMES[self.layout]}",
              f"family: {c.family} (prediction: {c.scheduler.prediction_type})"]
     for name, sd in self.state_dicts.items():
       n = sum(t.numel() for t in sd.values())
       lines.append(f"{name}: {n/1e6:.1f}M params, {len(sd)} tensors, stored {self.stored_dtypes.get(name, '?')}")
+    for name, layers in (self.quant or {}).items():
+      modes = sorted({m["mode"] for m in layers.values()})
+      lines.append(f"{name}: {len(layers)} layers quantised ({'/'.join(modes)})")
     u = c.unet
     lines.append(f"unet: in_channels {u.in_channels}, channels {u.block_out_channels}, layers/block {u.layers_per_block}, "
                  f"transformer depth {u.depths()}, heads {u.heads()}, context {u.cross_attention_dim}")
     for n, t in zip(_te_names(c), c.text_encoders):
       lines.append(f"{n}: hidden {t.hidden_size}, layers {t.num_hidden_layers}, heads {t.num_attention_heads}")
     return "\n".join(lines)
+
+_LAYOUT_NAMES = {"single-file": "CompVis single file", "diffusers": "diffusers folder", "quantized": "tinysd quantised single file"}
 
 def _few(keys, n=3) -> str:
   keys = sorted(keys)
@@ -460,6 +466,35 @@ def _read_compvis(raw:dict, meta:dict, path, dtype, device, config:ModelConfig|N
       sds[c][k] = t
   stored = {c: _stored(raw[ldm] for ldm, _ in m.values()) for c, m in layout.items()}
   return Checkpoint(config, sds, str(path), "single-file", stored)
+
+# ---- tinysd quantised files ----
+
+QUANT_FORMAT = "tinysd-quant-pipeline"
+
+def _read_quantized(raw:dict, meta:dict, path, dtype, device, config:ModelConfig|None) -> Checkpoint:
+  # keys "<component>.<diffusers name>", a quantised layer's weight as weight.q/.scale[/.outliers] or weight.idx/.lut (ops/quant.py)
+  from ops.quant import QuantWeight
+  try: config, quant = config or config_from_json(meta["tinysd_config"]), json.loads(meta["tinysd.quant"])
+  except (ValueError, KeyError, TypeError) as e: raise CheckpointError(f"{path}: bad tinysd quantised-file metadata ({e})") from None
+  sds, stored = {}, {}
+  for c, want in component_shapes(config).items():
+    want = dict(want)
+    for layer, m in quant.get(c, {}).items():
+      if want.pop(f"{layer}.weight", None) != tuple(m.get("shape", ())): raise CheckpointError(f"{path}: {c}.{layer} does not fit the config")
+      try: want |= {f"{layer}.weight.{k}": shp for k, (shp, _) in QuantWeight.layout(m).items()}
+      except (KeyError, ValueError) as e: raise CheckpointError(f"{path}: bad quantisation metadata for {c}.{layer} ({e})") from None
+    got = {k[len(c)+1:]: v for k, v in raw.items() if k.startswith(c + ".")}
+    _validate(f"{path} ({c})", {k: tuple(v.shape) for k, v in got.items()}, want)
+    sds[c] = {k: _cast(t, dtype, device) if dtypes.is_float(t.dtype) else t.to(device) for k, t in got.items()}
+    stored[c] = _stored(got.values())
+  if extra := [k for k in raw if k.split(".")[0] not in sds]: raise CheckpointError(f"{path}: {len(extra)} unexpected keys ({_few(extra)})")
+  return Checkpoint(config, sds, str(path), "quantized", stored, quant=quant)
+
+def write_quantized(state_dicts:dict[str, dict[str, Tensor]], quant:dict[str, dict[str, dict]], config:ModelConfig, path):
+  """A tinysd quantised single file: every component's state dict (quantised layers as ops/quant.py stores them, float side tensors and
+  the other float weights as given) with the config and the per-layer quantisation metadata in __metadata__."""
+  tensors = {f"{c}.{k}": v for c, sd in state_dicts.items() for k, v in sd.items()}
+  write_safetensors(tensors, path, {"format": QUANT_FORMAT, "tinysd_config": config_to_json(config), "tinysd.quant": json.dumps(quant)})
 
 # ---- diffusers folders ----
 
@@ -523,6 +558,7 @@ def read_checkpoint(path, dtype="float32", config=None, device:str|None=None) ->
   if p.is_dir(): return _read_folder(p, dt, device, config)
   raw, meta = read_tensors(p)
   if not raw: raise CheckpointError(f"{path}: not a checkpoint (no tensors)")
+  if meta.get("format") == QUANT_FORMAT: return _read_quantized(raw, meta, p, dt, device, config)
   return _read_compvis(raw, meta, p, dt, device, config)
 
 # ---- export ----

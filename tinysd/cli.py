@@ -69,10 +69,16 @@ def _common(p:argparse.ArgumentParser, image=False, mask=False):
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
   p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+  p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights in memory")
+  p.add_argument("--compute-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                 help="what the models compute in (default: --dtype, except fp16/bf16 weights compute in fp32 on the CPU, where it is faster)")
   p.add_argument("--output", default="out.png")
   p.add_argument("--lowmem", action="store_true", help="bring each model in from the checkpoint just for its use (less memory, slower)")
   p.add_argument("--attention-chunk", type=int, default=1024, help="split attention into tiles of this many tokens; 0 = plain attention")
+  p.add_argument("--compress-shortcuts", default=None, choices=["fp16", "int8"], help="hold the UNet skip tensors compressed (less memory)")
+  p.add_argument("--vae-tile", type=int, default=None, help="tiled VAE decode/encode, tile in latent pixels (default: 32 with --lowmem, else off; 0 = off)")
+  p.add_argument("--quant", default=None, choices=["int8", "pal8", "pal6", "pal4"],
+                 help="quantise UNet and text-encoder weights while loading (or make a quantised file once: tinysd convert --quant)")
   if image:
     p.add_argument("--image", required=True)
     p.add_argument("--strength", type=float, default=0.75)
@@ -118,8 +124,11 @@ def cmd_img2img(a, inpaint=False) -> int:
 def _load(a):
   import tinysd
   if a.attention_chunk < 0: raise UsageError(f"--attention-chunk must be >= 0, got {a.attention_chunk}")
-  pipe = tinysd.load(resolve_model(a.model), dtype=a.dtype, lowmem=a.lowmem)
+  if a.vae_tile is not None and a.vae_tile < 0: raise UsageError(f"--vae-tile must be >= 0, got {a.vae_tile}")
+  pipe = tinysd.load(resolve_model(a.model), dtype=a.dtype, lowmem=a.lowmem, quant=a.quant, compute_dtype=a.compute_dtype)
   pipe.attention_chunk = a.attention_chunk or None
+  pipe.compress_shortcuts = a.compress_shortcuts
+  if a.vae_tile is not None: pipe.vae_tile = a.vae_tile or None
   return pipe
 
 def _warn_truncated(pipe):
@@ -134,7 +143,11 @@ def cmd_info(a) -> int:
 
 def cmd_convert(a) -> int:
   from tinysd.checkpoint import convert
-  convert(a.src, a.dst, dtype=a.dtype)
+  if a.quant:
+    from tinysd.quantize import convert_quantized
+    for name, r in convert_quantized(a.src, a.dst, a.quant, dtype=a.dtype or "float16").items():
+      print(f"{name}: {r['count']} layers {a.quant}, {r['bytes_before']/2**20:.0f} MiB -> {r['bytes_after_disk']/2**20:.0f} MiB")
+  else: convert(a.src, a.dst, dtype=a.dtype)
   print(f"wrote {a.dst}")
   return 0
 
@@ -151,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
   s.set_defaults(func=lambda a: cmd_img2img(a, inpaint=True), strength=1.0)
   s = sub.add_parser("info", help="family, dtype, parameter counts and layout of a checkpoint")
   s.add_argument("model"); s.set_defaults(func=cmd_info)
-  s = sub.add_parser("convert", help="convert between a diffusers folder and a single-file .safetensors (CompVis layout)")
+  s = sub.add_parser("convert", help="convert between a diffusers folder and a single-file .safetensors (CompVis layout), or quantise")
   s.add_argument("src"); s.add_argument("dst"); s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+  s.add_argument("--quant", default=None, choices=["int8", "pal8", "pal6", "pal4"],
+                 help="write a tinysd quantised .safetensors (UNet + text encoders quantised, the rest in --dtype, default float16)")
   s.set_defaults(func=cmd_convert)
   s = sub.add_parser("bench", help="benchmark on random weights (see examples/bench.py --help)", add_help=False)
   s.add_argument("rest", nargs=argparse.REMAINDER); s.set_defaults(func=cmd_bench)

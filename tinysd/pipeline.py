@@ -12,6 +12,7 @@ from tinysd.models.clip import CLIPTextModel
 from tinysd.models.unet import UNet2DConditionModel
 from tinysd.models.vae import AutoencoderKL
 
+LOWMEM_VAE_TILE = 32   # latent pixels (256 image px): a 512x512 decode in 9 overlapping tiles
 MAX_SIDE = 4096   # pixels; beyond this the activations alone exceed any machine we target
 
 class InputError(ValueError):
@@ -25,6 +26,13 @@ def check_generation_args(width:int, height:int, steps:int, guidance_scale:float
   if not guidance_scale >= 0: raise InputError(f"guidance scale must be >= 0, got {guidance_scale}")
   if batch_size < 1: raise InputError(f"batch size must be >= 1, got {batch_size}")
   if sampler not in samplers.SAMPLERS: raise InputError(f"unknown sampler '{sampler}'; choose from: {', '.join(samplers.SAMPLERS)}")
+
+def _trim_heap():
+  # scheduling a model leaves tens of MB of freed Python/C heap behind; hand it back before the next model comes in (glibc only)
+  import gc, ctypes
+  gc.collect()
+  try: ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError): pass
 
 def te_name(i:int) -> str: return "text_encoder" if i == 0 else f"text_encoder_{i+1}"   # diffusers' component names
 
@@ -40,13 +48,17 @@ def to_pil(images:np.ndarray) -> list[Image.Image]:
 
 class StableDiffusion:
   def __init__(self, config:ModelConfig, tokenizers:list[CLIPTokenizer], text_encoders:list[CLIPTextModel], unet:UNet2DConditionModel,
-               vae:AutoencoderKL, dtype=dtypes.float32, device:str|None=None):
+               vae:AutoencoderKL, dtype=dtypes.float32, device:str|None=None, compute_dtype=None):
     self.config, self.tokenizers, self.text_encoders, self.unet, self.vae = config, tokenizers, text_encoders, unet, vae
-    self.dtype, self.device = dtype, device or Device.DEFAULT
+    self.dtype, self.device = dtype, device or Device.DEFAULT   # dtype: how weights are held in memory
+    self.compute_dtype = compute_dtype or dtype                  # what the models compute in (weights are cast inside the kernels)
     self.last_truncated: list[int] = []   # tokens dropped per prompt by the last encode_prompt (the CLI warns about it)
     self._jits: dict[tuple, TinyJit] = {}
     self._sources: dict[str, list[tuple[Tensor, object]]] | None = None   # lowmem: component -> (parameter, its lazy file-read graph)
+    self._quant: dict[str, str] = {}   # component -> quantisation mode(s), for quantised pipelines
     self.attention_chunk: int | None = 1024   # split attention (ops/attention.py), tiles of this many queries x keys (less memory, and faster on CPU); None = plain SDPA
+    self.compress_shortcuts: str | None = None   # "fp16" / "int8": UNet skip tensors held compressed between down and up path (ops/shortcuts.py)
+    self.vae_tile: int | None = None   # tiled VAE decode/encode (ops/tiling.py), tiles of this many latent pixels overlapping by a quarter
 
   @contextmanager
   def resident(self, name:str):
@@ -55,12 +67,14 @@ class StableDiffusion:
     if self._sources is None or name not in self._sources:
       yield
       return
-    Tensor.realize(*[p for p, _ in self._sources[name]])
+    realize_weights([p for p, _ in self._sources[name]])
+    present([p for p, _ in self._sources[name]], self.compute_dtype)
     try: yield
     finally:
       for p, lazy in self._sources[name]: p.replace(Tensor(lazy))         # the realised buffer loses its last reference
       self._jits = {k: v for k, v in self._jits.items() if k[0] != name}  # captured JITs hold the weight buffers too
       if hasattr(alloc := Device[self.device].allocator, "free_cache"): alloc.free_cache()   # tinygrad keeps freed blocks for reuse
+      _trim_heap()
 
   @property
   def tokenizer(self) -> CLIPTokenizer: return self.tokenizers[0]
@@ -86,7 +100,7 @@ class StableDiffusion:
       if proj: pooled = proj[0]
     self.last_truncated = dropped
     ctx = ctxs[0] if len(ctxs) == 1 else Tensor.cat(*ctxs, dim=-1)
-    return ctx.cast(self.dtype).realize(), None if pooled is None else pooled.cast(self.dtype).realize()
+    return ctx.cast(self.compute_dtype).realize(), None if pooled is None else pooled.cast(self.compute_dtype).realize()
 
   @staticmethod
   def _encoder_fn(te:CLIPTextModel, penultimate:bool):
@@ -100,9 +114,11 @@ class StableDiffusion:
 
   def _step_fn(self, cfg:bool):
     def step(x:Tensor, t:Tensor, ctx:Tensor, g:Tensor, extra:Tensor|None, text_embeds:Tensor|None, time_ids:Tensor|None) -> Tensor:
+      from ops.shortcuts import install
+      install(self.unet, self.compress_shortcuts)   # read while the graph is traced (JIT calls 1 and 2); the JIT key holds the mode
       inp = x if extra is None else x.cat(extra, dim=1)   # 9-channel inpainting UNets take [latents, mask, masked-image latents]
       kw = {} if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-      out = self.unet((inp.cat(inp) if cfg else inp).cast(self.dtype), t, ctx, **kw).float()
+      out = self.unet((inp.cat(inp) if cfg else inp).cast(self.compute_dtype), t, ctx, **kw).float()
       if cfg:
         uncond, cond = out.chunk(2)
         out = uncond + g * (cond - uncond)
@@ -122,7 +138,7 @@ class StableDiffusion:
     g = Tensor([guidance_scale], dtype=dtypes.float32, device=self.device).realize()
     ex = None if extra is None else Tensor(extra.astype(np.float32), device=self.device).realize()
     def model(x:np.ndarray, t:float) -> np.ndarray:
-      key = ("unet", x.shape, cfg, ctx.shape, None if ex is None else ex.shape, text_embeds is not None, self.attention_chunk)
+      key = ("unet", x.shape, cfg, ctx.shape, None if ex is None else ex.shape, text_embeds is not None, self.attention_chunk, self.compress_shortcuts)
       if (jit := self._jits.get(key)) is None: jit = self._jits[key] = TinyJit(self._step_fn(cfg))
       xt = Tensor(x.astype(np.float32), device=self.device).realize()
       tt = Tensor([float(t)], dtype=dtypes.float32, device=self.device).realize()
@@ -136,7 +152,7 @@ class StableDiffusion:
     ctx, pooled = self._encode(negs + prompts if cfg else prompts)
     time_ids = None
     if pooled is not None:   # SDXL micro-conditioning: original size, crop top-left, target size
-      time_ids = Tensor([[height, width, 0, 0, height, width]] * pooled.shape[0], dtype=dtypes.float32, device=self.device).cast(self.dtype).realize()
+      time_ids = Tensor([[height, width, 0, 0, height, width]] * pooled.shape[0], dtype=dtypes.float32, device=self.device).cast(self.compute_dtype).realize()
     return prompts, ctx, pooled, time_ids
 
   def _run(self, model, x:np.ndarray, steps:int, sampler:str, seed:int, start:int=0, progress:bool=False, blend=None, ancestral_noise=None,
@@ -163,11 +179,16 @@ class StableDiffusion:
     upcast to fp32 (losslessly, and for good) and the decode repeated, so fp16 never returns a black or NaN image."""
     z = Tensor(latents.astype(np.float32), device=self.device) / self.vae.scaling_factor
     with self.resident("vae"):
-      img = self._rewrite(self.vae.decode(z.cast(self.vae_dtype)).float()).numpy()
+      img = self._decode(z.cast(self.vae_dtype))
       if not np.isfinite(img).all() and self.vae_dtype != dtypes.float32:
         self.upcast_vae()
-        img = self._rewrite(self.vae.decode(z).float()).numpy()
+        img = self._decode(z)
     return np.clip((img + 1) / 2, 0, 1).transpose(0, 2, 3, 1)
+
+  def _decode(self, z:Tensor) -> np.ndarray:
+    if not self.vae_tile: return self._rewrite(self.vae.decode(z).float()).numpy()
+    from ops.tiling import decode_tiled
+    return decode_tiled(self.vae, z, self.vae_tile, self.vae_tile // 4, rewrite=self._rewrite).float().numpy()
 
   @property
   def vae_dtype(self): return self.vae.decoder.conv_in.weight.dtype
@@ -201,7 +222,10 @@ class StableDiffusion:
     """(B,H,W,3) in [0,1] -> scaled latents: the VAE posterior mean, or a posterior sample when `sample_noise` (latent-shaped) is given."""
     x = Tensor(images.transpose(0, 3, 1, 2).astype(np.float32) * 2 - 1, device=self.device)
     with self.resident("vae"):
-      post = self.vae.encode(x.cast(self.vae_dtype))
+      if self.vae_tile:
+        from ops.tiling import encode_tiled
+        post = encode_tiled(self.vae, x.cast(self.vae_dtype), self.vae_tile * self.vae_scale, self.vae_tile // 4 * self.vae_scale)
+      else: post = self.vae.encode(x.cast(self.vae_dtype))
       z = post.mean if sample_noise is None else post.sample(Tensor(sample_noise.astype(np.float32), device=self.device).cast(self.vae_dtype))
       return (z.float() * self.vae.scaling_factor).numpy()
 
@@ -286,12 +310,28 @@ class _placeholder_init:
       if f is None: delattr(Tensor, n)   # the originals live on a mixin base class
       else: setattr(Tensor, n, f)
 
-def build(config:ModelConfig, dtype="float32", device:str|None=None, tokenizers:list[CLIPTokenizer]|None=None) -> tuple[StableDiffusion, list[Tensor]]:
-  """Models whose random-init weights are empty placeholders (returned too): load() or random_pipeline() fills every one before use."""
+def default_compute_dtype(dtype, device:str|None=None):
+  """fp16/bf16 weights compute in fp32 on the CPU: tinygrad's clang kernels convert every half value on its own there (measured: a fp16
+  3x3 conv 9.6x, a fp16 linear 12x slower than fp32), while fp16 weights read by fp32 kernels cost about nothing (the conversion fuses
+  into the load). Memory then halves for the weights, not for the activations. Elsewhere the compute dtype is the weights' dtype."""
+  dtype = parse_dtype(dtype)
+  return dtypes.float32 if dtype in (dtypes.float16, dtypes.bfloat16) and (device or Device.DEFAULT).split(":")[0] == "CPU" else dtype
+
+def present(params:list[Tensor], compute_dtype):
+  """Realised float weights held in another dtype than the compute dtype are presented to the models as a lazy cast of their buffer:
+  the models see (and compute in) compute_dtype, the cast fuses into each consuming kernel, and only the stored form is in memory."""
+  for p in params:
+    if dtypes.is_float(p.dtype) and p.dtype != compute_dtype: p.replace(p.cast(compute_dtype))
+
+def build(config:ModelConfig, dtype="float32", device:str|None=None, tokenizers:list[CLIPTokenizer]|None=None,
+          compute_dtype=None) -> tuple[StableDiffusion, list[Tensor]]:
+  """Models whose random-init weights are empty placeholders (returned too): load() or random_pipeline() fills every one before use.
+  compute_dtype None: default_compute_dtype(dtype, device)."""
   toks = tokenizers or [CLIPTokenizer(pad_token_id=p) for p in config.pad_token_ids]
   with _placeholder_init() as init:
     pipe = StableDiffusion(config, toks, [CLIPTextModel(c) for c in config.text_encoders], UNet2DConditionModel(config.unet),
-                           AutoencoderKL(config.vae), parse_dtype(dtype), device)
+                           AutoencoderKL(config.vae), parse_dtype(dtype), device,
+                           parse_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(dtype, device))
   return pipe, init.made
 
 def components(pipe:StableDiffusion) -> dict:
@@ -306,31 +346,62 @@ def place(pipe:StableDiffusion) -> list[Tensor]:
     if p.device != pipe.device: p.replace(p.to(pipe.device))
   return params
 
-def random_pipeline(config:ModelConfig, dtype="float32", device:str|None=None, seed:int=0) -> StableDiffusion:
+def realize_weights(params:list[Tensor], batch_bytes:int=1 << 26):
+  """Realises lazy weights ~64 MB at a time, unmapping the checkpoint pages read after each batch: reading a whole model at once would
+  count it twice in RSS at the peak (the mapped file pages + the device copy)."""
+  from ops.tg import drop_file_pages
+  batch, n = [], 0
+  for i, p in enumerate(params):
+    batch.append(p); n += p.nbytes()
+    if n >= batch_bytes or i == len(params) - 1:
+      Tensor.realize(*batch)   # one schedule per batch: a realize per tensor rescans every live tensor (quadratic in tinygrad)
+      drop_file_pages()
+      batch, n = [], 0
+
+def random_pipeline(config:ModelConfig, dtype="float32", device:str|None=None, seed:int=0, compute_dtype=None) -> StableDiffusion:
   """Real-size models with random weights (N(0, 1/fan_in): activations stay O(1)), for benchmarks: speed and memory do not depend on values."""
-  pipe, placeholders = build(config, dtype, device)
+  pipe, placeholders = build(config, dtype, device, compute_dtype=compute_dtype)
   rng, batch, nbytes = np.random.default_rng(seed), [], 0
   for p in placeholders:
     fan_in = int(np.prod(p.shape[1:])) if len(p.shape) > 1 else 1
     p.replace(Tensor(rng.standard_normal(p.shape, dtype=np.float32) * np.float32(fan_in ** -0.5 if len(p.shape) > 1 else 0.02)).cast(pipe.dtype))
     batch.append(p); nbytes += p.nbytes()
     if nbytes > 1 << 28: Tensor.realize(*batch); batch, nbytes = [], 0   # bounded numpy staging, not a second copy of the model
-  Tensor.realize(*place(pipe))
+  params = place(pipe)
+  Tensor.realize(*params)
+  present(params, pipe.compute_dtype)
   return pipe
 
-def load(path, dtype="float32", device:str|None=None, config=None, lowmem:bool=False) -> StableDiffusion:
-  """A pipeline from a single-file .safetensors (CompVis/A1111 layout) or a diffusers folder, in the given dtype. Weights are read lazily
-  from the memory-mapped file: all at once here, or with lowmem=True each model just in time for its use (see StableDiffusion.resident)."""
+def load(path, dtype="float32", device:str|None=None, config=None, lowmem:bool=False, quant:str|None=None, compute_dtype=None) -> StableDiffusion:
+  """A pipeline from a single-file .safetensors (CompVis/A1111 layout, or a tinysd quantised file), or a diffusers folder, in the given
+  dtype. Weights are read lazily from the memory-mapped file: all at once here, or with lowmem=True each model just in time for its use
+  (see StableDiffusion.resident). quant="int8"/"pal8"/"pal6"/"pal4" quantises the UNet and text encoders while loading (see
+  tinysd/quantize.py; those weights then stay resident even with lowmem: write a quantised file with `tinysd convert --quant` to stream them).
+  compute_dtype: what the models compute in (default: dtype, except fp16/bf16 weights on the CPU compute in fp32; see default_compute_dtype)."""
   from tinygrad.nn.state import load_state_dict, get_parameters
   from tinysd.checkpoint import read_checkpoint, CheckpointError
   ck = read_checkpoint(path, dtype=str(parse_dtype(dtype).name) if not isinstance(dtype, str) else dtype, config=config)
+  if quant is not None and ck.quant: raise CheckpointError(f"{path} is already quantised; load it without quant=")
   toks = [CLIPTokenizer.from_folder(d) if d is not None else CLIPTokenizer(pad_token_id=p)
           for d, p in zip(ck.tokenizer_dirs, ck.config.pad_token_ids)] if ck.tokenizer_dirs else None
-  pipe, _ = build(ck.config, dtype, device, toks)
+  pipe, _ = build(ck.config, dtype, device, toks, compute_dtype)
+  if ck.quant:
+    from tinysd.quantize import apply_layout
+    try: apply_layout(pipe, ck.quant)
+    except ValueError as e: raise CheckpointError(f"{path}: {e}") from None
+    pipe._quant = {c: "/".join(sorted({m["mode"] for m in layers.values()})) for c, layers in ck.quant.items()}
   for name, model in components(pipe).items():
     try: load_state_dict(model, ck.state_dicts[name], strict=True, verbose=False, realize=False)
     except (KeyError, ValueError) as e: raise CheckpointError(f"{name}: {e}") from None
   params = place(pipe)
-  if lowmem: pipe._sources = {name: [(p, p.uop) for p in get_parameters(m)] for name, m in components(pipe).items()}
-  else: Tensor.realize(*params)
+  if quant is not None:
+    from tinysd.quantize import quantize_pipeline
+    pipe._quant = {c: quant for c in quantize_pipeline(pipe, quant)}
+    params = get_parameters(components(pipe))
+  if lowmem:
+    pipe._sources = {name: [(p, p.uop) for p in get_parameters(m)] for name, m in components(pipe).items()}
+    pipe.vae_tile = LOWMEM_VAE_TILE   # the untiled decode would set the memory peak; tiles change the image slightly (ops/tiling.py)
+  else:
+    realize_weights(params)
+    present(params, pipe.compute_dtype)
   return pipe
