@@ -65,7 +65,8 @@ def test_ckpt_pickle_refused_or_checked(tmp_path):
 @pytest.mark.parametrize("args,match", [
   (("--width", "60"), "multiple of 8"), (("--height", "100"), "multiple of 8"), (("--width", "65536"), "too large"),
   (("--steps", "0"), "steps"), (("--guidance", "-1"), "guidance"), (("--sampler", "heun9000"), "unknown sampler"),
-  (("--batch", "0"), "batch"), (("--dtype", "float8"), "dtype")])
+  (("--batch", "0"), "batch"), (("--dtype", "float8"), "dtype"), (("--compute-dtype", "float8"), "compute-dtype"),
+  (("--vae-tile", "-1"), "vae-tile"), (("--quant", "int3"), "quant"), (("--compress-shortcuts", "int4"), "compress-shortcuts")])
 def test_bad_generation_args(tmp_path, model, args, match):
   bad(tmp_path, "txt2img", "--model", model, "--prompt", "a cat", "--steps", "1", "--width", "64", "--height", "64", *args, match=match)
 
@@ -105,3 +106,13 @@ def test_help_for_each_subcommand():
   for sub in ("txt2img", "img2img", "inpaint", "convert", "info"):
     code, stdout, _ = tinysd(sub, "--help")
     assert code == 0 and "usage" in stdout
+
+def test_every_memory_switch_at_once(tmp_path, model):
+  # fp16 weights, int8 weights quantised at load, shortcuts int8, lowmem residency, tiled VAE (tile 4 latents: the 64 px tiny model tiles)
+  out = tmp_path / "lean.png"
+  code, stdout, stderr = tinysd("txt2img", "--model", model, "--prompt", "a cat", "--steps", "2", "--width", "64", "--height", "64", "--seed", "1",
+                                "--dtype", "float16", "--quant", "int8", "--compress-shortcuts", "int8", "--lowmem", "--vae-tile", "8",
+                                "--output", out)
+  assert code == 0, stderr
+  im = np.asarray(Image.open(out))
+  assert im.shape == (64, 64, 3) and im.std() > 0
