@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # python examples/bench.py --model sd15 --size 256 --steps 2 [--dtype float16] [--lowmem] [--quant int8] ... [--vs diffusers]
-# tinysd's own figures come from tinysd.bench; `--vs diffusers` times diffusers (torch CPU) on the same shapes in the same run.
+# tinysd's own figures come from tinysd.bench; `--vs diffusers` times diffusers (torch on CUDA when there is a GPU, else CPU)
+# on the same shapes and dtype in the same run.
 import argparse, statistics, sys, time
 from tinysd import bench
 

@@ -93,7 +93,8 @@ def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1,
     r["compute_dtype"] = pipe.compute_dtype.name
     pipe.attention_chunk = attention_chunk or None
     pipe.compress_shortcuts = compress_shortcuts
-    pipe.vae_tile = vae_tile
+    if vae_tile is not None: pipe.vae_tile = vae_tile or None   # None keeps the pipeline's default (tiled with lowmem)
+    r["vae_tile"] = pipe.vae_tile
     r["resident_gib"] = GlobalCounters.mem_used / 2**30
     phase("load")
     (ctx, pooled), r["text_encoder_s"], _, _ = timed(lambda: pipe._encode([""] * batch + ["a photograph of an astronaut riding a horse"] * batch))
@@ -171,7 +172,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--compress-shortcuts", default=None, choices=["fp16", "int8"], help="hold the UNet skip tensors compressed (ops/shortcuts.py)")
   p.add_argument("--lowmem", action="store_true", help="each model read from the checkpoint just for its use")
   p.add_argument("--quant", default=None, choices=QUANT, help="UNet + text encoder weights quantised (loaded from a quantised file)")
-  p.add_argument("--vae-tile", type=int, default=None, help="tiled VAE decode, tile size in latent pixels (ops/tiling.py)")
+  p.add_argument("--vae-tile", type=int, default=None, help="tiled VAE decode, tile in latent pixels (ops/tiling.py); default 32 with --lowmem, 0 = off")
   p.add_argument("--weights", default=None, help="reuse (or write, then keep) the random-weights file at this path")
   p.add_argument("--decode-runs", type=int, default=1, help="VAE decodes to time (the first includes compiling)")
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")
