@@ -4,13 +4,13 @@
 # text encoder, UNet steps (compile, JIT capture, then --steps timed steps) and VAE decode. Weight files are written once and reused.
 import argparse, json, os, subprocess, sys, tempfile
 
-ROWS = {  # name -> bench flags; the weight file depends on dtype + quant only
+ROWS = {  # name -> bench flags (each switch alone on top of the first row, then the combinations); the weight file depends on dtype + quant
   "fp32, plain attention":          ["--dtype", "float32", "--no-split-attention"],
-  "+ split attention":              ["--dtype", "float32"],
-  "+ fp16":                         ["--dtype", "float16", "--no-split-attention"],
-  "+ shortcuts int8":               ["--dtype", "float32", "--no-split-attention", "--compress-shortcuts", "int8"],
-  "+ lowmem (tiled VAE)":           ["--dtype", "float32", "--no-split-attention", "--lowmem"],
-  "+ int8 weights":                 ["--dtype", "float32", "--no-split-attention", "--quant", "int8"],
+  "fp32 + split attention":         ["--dtype", "float32"],
+  "fp16 weights":                   ["--dtype", "float16", "--no-split-attention"],
+  "fp32 + shortcuts int8":          ["--dtype", "float32", "--no-split-attention", "--compress-shortcuts", "int8"],
+  "fp32 + lowmem (tiled VAE)":      ["--dtype", "float32", "--no-split-attention", "--lowmem"],
+  "fp32 + int8 weights":            ["--dtype", "float32", "--no-split-attention", "--quant", "int8"],
   "fp16 + split + lowmem":          ["--dtype", "float16", "--lowmem"],
   "fp16 + split + lowmem + shortcuts int8 + int8 weights": ["--dtype", "float16", "--lowmem", "--compress-shortcuts", "int8", "--quant", "int8"],
   "fp16 + split + lowmem + shortcuts int8 + pal6 weights": ["--dtype", "float16", "--lowmem", "--compress-shortcuts", "int8", "--quant", "pal6"],

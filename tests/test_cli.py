@@ -103,7 +103,7 @@ def test_info_and_convert_roundtrip(tmp_path, folder):
   assert code == 0 and "sd1" in stdout2, stderr
 
 def test_help_for_each_subcommand():
-  for sub in ("txt2img", "img2img", "inpaint", "convert", "info"):
+  for sub in ("txt2img", "img2img", "inpaint", "convert", "info", "bench"):
     code, stdout, _ = tinysd(sub, "--help")
     assert code == 0 and "usage" in stdout
 

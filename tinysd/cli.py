@@ -151,10 +151,6 @@ def cmd_convert(a) -> int:
   print(f"wrote {a.dst}")
   return 0
 
-def cmd_bench(a) -> int:
-  from tinysd.bench import main as bench_main
-  return bench_main(a.rest)
-
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="tinysd", description="Stable Diffusion on tinygrad")
   sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -169,11 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--quant", default=None, choices=["int8", "pal8", "pal6", "pal4"],
                  help="write a tinysd quantised .safetensors (UNet + text encoders quantised, the rest in --dtype, default float16)")
   s.set_defaults(func=cmd_convert)
-  s = sub.add_parser("bench", help="benchmark on random weights (see examples/bench.py --help)", add_help=False)
-  s.add_argument("rest", nargs=argparse.REMAINDER); s.set_defaults(func=cmd_bench)
+  sub.add_parser("bench", help="benchmark on random weights at real sizes (tinysd bench --help)", add_help=False)   # dispatched in main()
   return p
 
 def main(argv:list[str]|None=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["bench"]:   # its own parser (tinysd/bench.py), --help included
+    from tinysd.bench import main as bench_main
+    return bench_main(argv[1:])
   args = build_parser().parse_args(argv)
   try:
     return args.func(args)
