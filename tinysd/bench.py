@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse, os, resource, statistics, subprocess, sys, tempfile, time
 import numpy as np
 from tinygrad import GlobalCounters, Device
+from ops.quant import MODES
 from tinysd import configs
 
 MODELS = {"sd15": configs.SD15, "sd2": configs.SD2, "sdxl": configs.SDXL}
-QUANT = ["int8", "pal8", "pal6", "pal4"]
 
 class PeakMemory:
   """Peak of tinygrad's allocated bytes (all non-DISK devices): tinygrad keeps only the current figure, so watch every allocation."""
@@ -171,7 +171,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--attention-chunk", type=int, default=1024, help="split attention tile (tokens)")
   p.add_argument("--compress-shortcuts", default=None, choices=["fp16", "int8"], help="hold the UNet skip tensors compressed (ops/shortcuts.py)")
   p.add_argument("--lowmem", action="store_true", help="each model read from the checkpoint just for its use")
-  p.add_argument("--quant", default=None, choices=QUANT, help="UNet + text encoder weights quantised (loaded from a quantised file)")
+  p.add_argument("--quant", default=None, choices=list(MODES), help="UNet + text encoder weights quantised (loaded from a quantised file)")
   p.add_argument("--vae-tile", type=int, default=None, help="tiled VAE decode, tile in latent pixels (ops/tiling.py); default 32 with --lowmem, 0 = off")
   p.add_argument("--weights", default=None, help="reuse (or write, then keep) the random-weights file at this path")
   p.add_argument("--decode-runs", type=int, default=1, help="VAE decodes to time (the first includes compiling)")

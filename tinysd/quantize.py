@@ -36,13 +36,11 @@ def apply_layout(pipe:StableDiffusion, quant:dict[str, dict[str, dict]]):
 
 def quant_meta(pipe:StableDiffusion) -> tuple[dict[str, dict], dict[str, dict[str, dict]]]:
   """(state dicts, per-component layer metadata) of a (partly) quantised pipeline, as write_quantized stores them."""
-  from tinygrad.nn.state import get_state_dict
   sds, quant = {}, {}
-  for name, model in components(pipe).items():
-    sd, meta = quant_state_dict(model)
-    layers = json.loads(meta["tinysd.quant"])
-    sds[name], quant[name] = (sd, layers) if layers else (get_state_dict(model), {})
-  return sds, {k: v for k, v in quant.items() if v}
+  for name, model in components(pipe).items():   # a model without quantised layers gets its plain state dict
+    sds[name], meta = quant_state_dict(model)
+    if layers := json.loads(meta["tinysd.quant"]): quant[name] = layers
+  return sds, quant
 
 def convert_quantized(src, dst, mode:str, dtype="float16", config=None, group_size:int|None=None) -> dict[str, dict]:
   """Float checkpoint (any layout tinysd reads) -> tinysd quantised .safetensors; float tensors stored in dtype (fp16 by default)."""
