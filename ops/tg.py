@@ -90,3 +90,69 @@ def drop_file_pages():
     if (mem := getattr(Device[name], "mem", None)) is not None and hasattr(mmap, "MADV_DONTNEED"):
       try: mem.madvise(mmap.MADV_DONTNEED)
       except (OSError, ValueError): pass   # closed meanwhile, or a platform without madvise on this mapping
+
+# *** hand-written C kernels on the CPU device ***
+
+def _param(u:UOp) -> UOp:
+  while u.op is not Ops.PARAM: u = u.src[0]   # custom_kernel hands RESHAPE(PARAM); the C code needs the PARAM itself
+  return u
+
+def c_escape(code:str) -> str: return code.replace("{", "{{").replace("}", "}}")   # the CUSTOM arg goes through str.format
+
+def c_kernel(code:str, out:UOp, ins:tuple[UOp, ...], name:str, ops:int=0, mem:int=0, threads:int=1) -> UOp:
+  """SINK of a kernel whose body is the C text `code` (already brace-escaped, with {0} = out pointer, {1}.. = inputs and, when threads > 1,
+  {n+1} = the int core_id in [0, threads)). An `out[0] = out[0]` store (hidden in a CUSTOMI so symbolic keeps it) comes first: without a
+  STORE/LOAD the program records no outputs/inputs and a consumer would not wait for it."""
+  from tinygrad import dtypes
+  from tinygrad.uop.ops import KernelInfo
+  from tinygrad.renderer import Estimates
+  out, ins = _param(out), tuple(_param(x) for x in ins)
+  i0 = UOp.const(0, dtypes.int)
+  mark = out.index(i0).store(UOp(Ops.CUSTOMI, out.dtype, src=(out.index(i0).load(),) + tuple(p.index(i0).load() for p in ins), arg="{0}"))
+  extra = (UOp.variable("core_id", 0, threads - 1, dtypes.int, param=True),) if threads > 1 else ()
+  body = UOp(Ops.CUSTOM, dtypes.void, src=(out,) + ins + extra + (mark,), arg=code)
+  # tag=1: an untagged SINK goes through apply_opts, which rebuilds the KernelInfo and drops the estimates (GFLOP/s would read 0)
+  return UOp.sink(body, arg=KernelInfo(name=name, estimates=Estimates(ops=ops, lds=mem, mem=mem)), tag=1)
+
+def custom(out:Tensor, ins:tuple[Tensor, ...], fxn:Callable[..., UOp]) -> Tensor:
+  """Runs fxn(out_placeholder, *in_placeholders) -> SINK as one kernel writing out; returns out after it."""
+  return Tensor.custom_kernel(out, *ins, fxn=fxn)[0]
+
+# *** all cores for every CPU kernel ***
+
+_pool: list = []   # [launcher as a ctypes function]
+
+def _parallel_call(self, *bufs, global_size=(1, 1, 1), local_size=(1, 1, 1), vals=(), wait=False, timeout=None):
+  # tinygrad's CPUProgram.__call__ runs the core ids of a kernel one after the other on the calling thread; this hands them to the pool
+  import ctypes, time
+  from ops.cpu_pool import NARGS
+  if self.lvp or 'core_id' not in self.runtimevars or global_size[0] <= 1: return _orig_call[0](self, *bufs, global_size=global_size,
+                                                                                                 local_size=local_size, vals=vals, wait=wait, timeout=timeout)
+  st = time.perf_counter()
+  args = [int(b.va_addr) for b in bufs] + [0 if v is None else int(v) for v in vals]
+  if len(args) > NARGS: return _orig_call[0](self, *bufs, global_size=global_size, local_size=local_size, vals=vals, wait=wait, timeout=timeout)
+  _pool[0](self.addr, global_size[0], self.runtimevars['core_id'], *args, *([0] * (NARGS - len(args))))
+  return time.perf_counter() - st if wait else None
+
+_orig_call: list = []
+
+def install_cpu_threads(nthreads:int) -> int:
+  """Every CPU kernel split by core_id (tinygrad's THREAD opt, and our C kernels) runs its core ids in parallel on a pool of nthreads
+  threads instead of one after the other. Patches tinygrad's CPUProgram.__call__ (runtime/ops_cpu.py); idempotent. Returns the pool size."""
+  import ctypes
+  from tinygrad.runtime import ops_cpu
+  from ops import cpu_pool
+  if not _pool:
+    addr = cpu_pool.start(nthreads)
+    _pool.append(ctypes.CFUNCTYPE(None, *([ctypes.c_uint64] * (3 + cpu_pool.NARGS)))(addr))
+    _orig_call.append(ops_cpu.CPUProgram.__call__)
+    ops_cpu.CPUProgram.__call__ = _parallel_call
+  return cpu_pool.threads()
+
+def stored_form(t:Tensor) -> Tensor:
+  """t itself, or, when t is a lazy widening cast of a half/bf16 buffer (how tinysd presents fp16-stored weights to fp32 models), the
+  narrow tensor: a kernel that converts while it reads then needs no widened copy."""
+  from tinygrad import dtypes
+  u = t.uop
+  if u.op is Ops.CAST and u.src[0].dtype in (dtypes.half, dtypes.bfloat16) and t.dtype == dtypes.float32: return Tensor(u.src[0])
+  return t

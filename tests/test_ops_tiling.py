@@ -101,12 +101,14 @@ def test_grid_parity_2d(pair, monkeypatch):
   np.testing.assert_allclose(encode_tiled(vae, Tensor(x.numpy()), 16, 4).mean.numpy(), m, atol=1e-5, rtol=0)
 
 def test_small_input_is_untiled(pair):
-  # the very same lazy graph as the untiled call (UOps are hash-consed), so identical results
+  # the untiled computation itself: bit-identical results (with the CPU fast path each call builds its own custom-kernel output buffers,
+  # so the lazy graphs are equal in structure but not the same hash-consed UOp)
   _, vae = pair
   z, x = Tensor(np.random.randn(1, 4, 8, 5).astype(np.float32)), Tensor(np.random.rand(1, 3, 16, 10).astype(np.float32))
-  assert decode_tiled(vae, z, TILE, OV).uop is vae.decode(z).uop
+  np.testing.assert_array_equal(decode_tiled(vae, z, TILE, OV).numpy(), vae.decode(z).numpy())
   post, plain = encode_tiled(vae, x, 16, 4), vae.encode(x)
-  assert post.mean.uop is plain.mean.uop and post.std.uop is plain.std.uop
+  np.testing.assert_array_equal(post.mean.numpy(), plain.mean.numpy())
+  np.testing.assert_array_equal(post.std.numpy(), plain.std.numpy())
 
 def _seam_errors(vae:AutoencoderKL, z:np.ndarray, untiled:np.ndarray) -> tuple[float, float, float]:
   # error d = tiled - untiled: (mean abs, mean abs over the blend bands, largest jump of d across a seam)

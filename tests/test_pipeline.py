@@ -115,3 +115,27 @@ def test_fp16_weights_fp32_compute(folder, tmp_path):
   x = np.random.default_rng(8).standard_normal((1, 4, SIZE // 2, SIZE // 2), dtype=np.float32)
   kw = dict(steps=2, guidance_scale=7.5, width=SIZE, height=SIZE, sampler="euler", latents=x, output_type="np")
   assert np.abs(mixed.txt2img("a cat", **kw) - full.txt2img("a cat", **kw)).max() < 1e-5
+
+def test_bf16_compute_error(folder, pipes):
+  # --compute-dtype bfloat16 on the CPU: fp32 tensors, GEMM/conv operands rounded to bf16 (ops/cpu.py precision). Its image error against
+  # diffusers fp32 is bounded by what torch's own bf16 pipeline (the model cast to bf16, as CPU users run it) gives on the same weights and
+  # x_T, measured here, with a cap; and it must be an actual change (nonzero), else the mode did not switch.
+  from ops import cpu
+  if not cpu.enabled() or not cpu.bf16_available(): pytest.skip("no AVX512-BF16 fast path")
+  ref, pipe = pipes
+  lat = SIZE // pipe.vae_scale
+  x_T = np.random.default_rng(3).standard_normal((1, 4, lat, lat), dtype=np.float32)
+  kw = dict(steps=STEPS, guidance_scale=7.5, width=SIZE, height=SIZE, seed=0, sampler="euler", output_type="np")
+  ours32 = pipe.txt2img("a photo of a cat", latents=x_T, **kw)
+  ours16 = tinysd.load(folder, compute_dtype="bfloat16").txt2img("a photo of a cat", latents=x_T, **kw)
+  want = reference(ref, "euler", x_T, "a photo of a cat", "", 7.5, 0)
+  import diffusers
+  ref.to(torch.bfloat16)
+  ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+  try:
+    torch_bf16 = ref("a photo of a cat", negative_prompt="", num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+                     latents=torch.from_numpy(x_T).to(torch.bfloat16), generator=torch.Generator().manual_seed(0), output_type="np").images
+  finally: ref.to(torch.float32)
+  e_ours, e_torch = np.abs(ours16 - want).max(), np.abs(np.asarray(torch_bf16, np.float32) - want).max()
+  assert np.abs(ours32 - want).max() < 2e-3
+  assert 0 < e_ours <= min(max(e_torch, 1e-3), 5e-2), (e_ours, e_torch)

@@ -52,6 +52,13 @@ class StableDiffusion:
     self.config, self.tokenizers, self.text_encoders, self.unet, self.vae = config, tokenizers, text_encoders, unet, vae
     self.dtype, self.device = dtype, device or Device.DEFAULT   # dtype: how weights are held in memory
     self.compute_dtype = compute_dtype or dtype                  # what the models compute in (weights are cast inside the kernels)
+    self.gemm_precision = "f32"   # CPU fast path: "bf16" = GEMM operands rounded to bf16, fp32 accumulate (ops/cpu.py precision)
+    if self.compute_dtype == dtypes.bfloat16 and self.device.split(":")[0] == "CPU":
+      # tinygrad cannot compute in bf16 on the CPU (clang 14 has no __bf16 on x86): bf16 compute there means fp32 tensors whose GEMMs
+      # and convs run on AVX512-BF16 products
+      from ops import cpu
+      if not cpu.bf16_available(): raise InputError("bfloat16 compute on the CPU needs AVX512-BF16 and the CPU fast path (TINYSD_KERNELS not generic)")
+      self.compute_dtype, self.gemm_precision = dtypes.float32, "bf16"
     self.last_truncated: list[int] = []   # tokens dropped per prompt by the last encode_prompt (the CLI warns about it)
     self._jits: dict[tuple, TinyJit] = {}
     self._sources: dict[str, list[tuple[Tensor, object]]] | None = None   # lowmem: component -> (parameter, its lazy file-read graph)
@@ -64,12 +71,14 @@ class StableDiffusion:
   def resident(self, name:str):
     """Just-in-time residency (Apple's reduceMemory): in lowmem mode a model's weights are read from the memory-mapped checkpoint right
     before use and released right after, so the text encoder, UNet and VAE are never in memory together. A no-op otherwise."""
+    from ops.cpu import precision
     if self._sources is None or name not in self._sources:
-      yield
+      with precision(self.gemm_precision): yield
       return
     realize_weights([p for p, _ in self._sources[name]])
     present([p for p, _ in self._sources[name]], self.compute_dtype)
-    try: yield
+    try:
+      with precision(self.gemm_precision): yield
     finally:
       for p, lazy in self._sources[name]: p.replace(Tensor(lazy))         # the realised buffer loses its last reference
       self._jits = {k: v for k, v in self._jits.items() if k[0] != name}  # captured JITs hold the weight buffers too
@@ -107,7 +116,8 @@ class StableDiffusion:
     def encode(ids:Tensor) -> list[Tensor]:
       out = te(ids)
       hidden = out.penultimate_hidden_state if penultimate else out.last_hidden_state
-      return [t.contiguous().realize() for t in ((hidden,) if out.text_embeds is None else (hidden, out.text_embeds))]
+      outs = [hidden] if out.text_embeds is None else [hidden, out.text_embeds]
+      return [_cpu_attention(t).contiguous().realize() for t in outs]
     return encode
 
   # ** denoising
@@ -127,6 +137,7 @@ class StableDiffusion:
 
   def _rewrite(self, out:Tensor) -> Tensor:
     """The graph rewrites from ops/ that are switched on, applied to a lazy output right before it is realised."""
+    out = _cpu_attention(out)
     if self.attention_chunk:
       from ops.attention import install
       out = install(out, q_chunk=self.attention_chunk, k_chunk=self.attention_chunk)
@@ -316,6 +327,13 @@ def default_compute_dtype(dtype, device:str|None=None):
   into the load). Memory then halves for the weights, not for the activations. Elsewhere the compute dtype is the weights' dtype."""
   dtype = parse_dtype(dtype)
   return dtypes.float32 if dtype in (dtypes.float16, dtypes.bfloat16) and (device or Device.DEFAULT).split(":")[0] == "CPU" else dtype
+
+def _cpu_attention(out:Tensor) -> Tensor:
+  # on the CPU fast path every attention runs as one fused C kernel (ops/cpu_attention.py): fast, and it never stores the score matrix
+  from ops import cpu
+  if not cpu.enabled(): return out
+  from ops.cpu_attention import install
+  return install(out)
 
 def present(params:list[Tensor], compute_dtype):
   """Realised float weights held in another dtype than the compute dtype are presented to the models as a lazy cast of their buffer:

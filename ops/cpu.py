@@ -1,0 +1,127 @@
+# The CPU fast path: every Linear and Conv2d of the models (and of anything else built from tinygrad.nn) runs on our GEMM kernels
+# (ops/cpu_gemm.py) when the tensors live on the CPU device in fp32, and all CPU kernels use every core (ops/cpu_pool.py). Model code is
+# unchanged: install() wraps tinygrad.nn.Linear/Conv2d.__call__, and each call falls back to tinygrad's own op when the case is not ours
+# (another device, fp16 compute, groups/dilation, tiny or symbolic shapes).
+# Switches: TINYSD_KERNELS=generic (tinygrad's kernels only, on one core as tinygrad 0.14 runs them), TINYSD_ISA=avx512|avx2 (force an ISA:
+# the AVX2 path can be tested on an AVX-512 machine), TINYSD_THREADS=n.
+from __future__ import annotations
+import os, platform
+from tinygrad import Tensor, dtypes
+from tinygrad.nn import Linear, Conv2d
+from ops import tg, cpu_gemm
+
+MIN_FLOPS = 1 << 20   # below this a tinygrad kernel is as good and saves a compile
+FOLD_PIXELS = 64      # convs over images of at most this many output pixels fold the batch into N (ops/cpu_gemm.py Gemm.fold)
+
+def cpu_flags() -> set[str]:
+  try:
+    with open("/proc/cpuinfo") as f: return next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
+  except OSError: return set()
+
+def cpu_isa() -> str|None:
+  """The widest ISA our kernels have for this CPU (run-time detection), TINYSD_ISA if set, None where we have none (non-x86)."""
+  if (forced := os.environ.get("TINYSD_ISA")): return forced if forced in cpu_gemm.ISAS else None
+  if platform.machine().lower() not in ("x86_64", "amd64"): return None
+  f = cpu_flags()
+  if "avx512f" in f: return "avx512"
+  if {"avx2", "fma"} <= f: return "avx2"
+  return None
+
+def generic() -> bool: return os.environ.get("TINYSD_KERNELS", "").lower() == "generic"
+
+def threads() -> int:
+  if (n := os.environ.get("TINYSD_THREADS")): return max(1, int(n))
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+def _on_cpu(t:Tensor) -> bool: return isinstance(t.device, str) and t.device.split(":")[0] == "CPU"
+
+# bf16-stored weights stay on tinygrad's path: clang 14 rejects a __bf16 kernel parameter on x86, and tinygrad names the buffer that way
+_DT = {dtypes.float32: "f32", dtypes.float16: "f16"}
+
+def _ours(x:Tensor, w:Tensor, flops:int) -> bool:
+  return (_state["isa"] is not None and _on_cpu(x) and x.dtype == dtypes.float32 and w.dtype in _DT and flops >= MIN_FLOPS
+          and all(isinstance(s, int) for s in x.shape))
+
+def linear(x:Tensor, weight:Tensor, bias:Tensor|None) -> Tensor|None:
+  """x @ weight.T + bias on our kernel, or None when not ours. weight (N, K) in any of fp32/fp16/bf16 (widened while packed)."""
+  w = tg.stored_form(weight)
+  (N, K), M = w.shape, x.numel() // x.shape[-1]
+  if not _ours(x, w, 2 * M * N * K) or (bias is not None and bias.shape != (N,)): return None
+  g = cpu_gemm.Gemm(1, M, N, K, "f32", (0, K, 1), _DT[w.dtype], (0, 1, K), c_strides=(0, N), bias=None if bias is None else "n",
+                    threads=_state["threads"], isa=_state["isa"], prec=_state["prec"])
+  out = cpu_gemm.run(g, x.reshape(M, K).contiguous(), w.contiguous(), None if bias is None else bias.float().contiguous())
+  return out.reshape(*x.shape[:-1], N)
+
+def _pair(v) -> tuple[int, int]: return (v, v) if isinstance(v, int) else tuple(v)
+
+def conv2d(x:Tensor, weight:Tensor, bias:Tensor|None, groups=1, stride=1, dilation=1, padding=0) -> Tensor|None:
+  """NCHW conv2d on our kernel (implicit GEMM: weights as A, im2col taps gathered by the B pack), or None when not ours."""
+  if groups != 1 or _pair(dilation) != (1, 1) or x.ndim != 4 or isinstance(padding, str): return None
+  (S, S2), pads = _pair(stride), (padding,) * 4 if isinstance(padding, int) else tuple(padding)
+  if len(pads) == 2: pads = (pads[1], pads[1], pads[0], pads[0])
+  w = tg.stored_form(weight)
+  O, C, KH, KW = w.shape
+  B, Cx, H, W = x.shape
+  if S != S2 or len(set(pads)) != 1 or Cx != C: return None
+  P = pads[0]
+  OH, OW = (H + 2 * P - KH) // S + 1, (W + 2 * P - KW) // S + 1
+  if not _ours(x, w, 2 * B * O * OH * OW * C * KH * KW) or OH < 1 or OW < 1: return None
+  common = dict(c_strides=(O * OH * OW, OH * OW), bias=None if bias is None else "m", threads=_state["threads"], isa=_state["isa"],
+                prec=_state["prec"])
+  conv = cpu_gemm.Conv(C, H, W, KH, KW, S, P, OH, OW)
+  if OH * OW <= FOLD_PIXELS and B > 1:   # small images: one GEMM over all images' pixels, threads split the weights (measured 1.3-2x)
+    g = cpu_gemm.Gemm(B, O, OH * OW, C * KH * KW, _DT[w.dtype], (0, C * KH * KW, 1), "f32", None, conv=conv, fold=True, **common)
+  elif KH == KW == 1 and S == 1 and P == 0:   # 1x1: B is the image itself, (C, H*W) per batch item
+    g = cpu_gemm.Gemm(B, O, H * W, C, _DT[w.dtype], (0, C, 1), "f32", (C * H * W, H * W, 1), **common)
+  else:
+    g = cpu_gemm.Gemm(B, O, OH * OW, C * KH * KW, _DT[w.dtype], (0, C * KH * KW, 1), "f32", conv=conv, **common)
+  out = cpu_gemm.run(g, w.reshape(O, -1).contiguous(), x.contiguous(), None if bias is None else bias.float().contiguous())
+  return out.reshape(B, O, OH, OW)
+
+_state: dict = {"isa": None, "threads": 1, "prec": "f32"}
+
+def bf16_available() -> bool: return _state["isa"] == "avx512" and "avx512_bf16" in cpu_flags()
+
+class precision:
+  """with precision("bf16"): the GEMMs built (traced) inside use bf16-rounded operands with fp32 accumulation (AVX512-BF16 vdpbf16ps,
+  2x the fp32 rate); "f32" (default) is exact fp32. Read when a graph is built, so a TinyJit captured inside keeps it."""
+  def __init__(self, prec:str): self.prec = prec
+  def __enter__(self):
+    if self.prec not in ("f32", "bf16"): raise ValueError(f"unknown GEMM precision {self.prec!r}")
+    if self.prec == "bf16" and not bf16_available(): raise RuntimeError("bf16 GEMMs need the CPU fast path on a CPU with AVX512-BF16")
+    self.old, _state["prec"] = _state["prec"], self.prec
+  def __exit__(self, *exc): _state["prec"] = self.old
+_orig: dict = {}
+
+def _linear_call(self, x:Tensor) -> Tensor:
+  out = linear(x, self.weight, self.bias)
+  return _orig["linear"](self, x) if out is None else out
+
+def _conv_call(self, x:Tensor) -> Tensor:
+  out = conv2d(x, self.weight, self.bias, self.groups, self.stride, self.dilation, self.padding)
+  return _orig["conv"](self, x) if out is None else out
+
+def install() -> dict:
+  """Turns the CPU fast path on for this process (idempotent) unless TINYSD_KERNELS=generic or the CPU has no ISA of ours. Returns the
+  state: {"isa": ..., "threads": ...}."""
+  if _orig or generic(): return _state
+  isa = cpu_isa()
+  if isa is None: return _state
+  n = threads()
+  if n > 1:
+    try: n = tg.install_cpu_threads(n)
+    except (OSError, RuntimeError) as e:   # no compiler for the pool: kernels still run, one core
+      import sys
+      print(f"tinysd: CPU thread pool unavailable ({e}); running on one core", file=sys.stderr)
+      n = 1
+  _state.update(isa=isa, threads=n)
+  _orig["linear"], _orig["conv"] = Linear.__call__, Conv2d.__call__
+  Linear.__call__, Conv2d.__call__ = _linear_call, _conv_call
+  return _state
+
+def enabled() -> bool: return bool(_orig) and _state["isa"] is not None
+
+def uninstall():
+  """Back to tinygrad's Linear/Conv2d (the thread pool stays: it is harmless and shared)."""
+  if _orig: Linear.__call__, Conv2d.__call__ = _orig.pop("linear"), _orig.pop("conv")
+  _state.update(isa=None)
