@@ -33,7 +33,7 @@ def threads() -> int:
   if (n := os.environ.get("TINYSD_THREADS")): return max(1, int(n))
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-def _on_cpu(t:Tensor) -> bool: return isinstance(t.device, str) and t.device.split(":")[0] == "CPU"
+def _on_cpu(t:Tensor) -> bool: return isinstance(t.device, str) and t.device.split(":")[0] == "CPU" and tg.renders_c(t.device)
 
 # bf16-stored weights stay on tinygrad's path: clang 14 rejects a __bf16 kernel parameter on x86, and tinygrad names the buffer that way
 _DT = {dtypes.float32: "f32", dtypes.float16: "f16"}
@@ -49,7 +49,7 @@ def linear(x:Tensor, weight:Tensor, bias:Tensor|None) -> Tensor|None:
   if not _ours(x, w, 2 * M * N * K) or (bias is not None and bias.shape != (N,)): return None
   g = cpu_gemm.Gemm(1, M, N, K, "f32", (0, K, 1), _DT[w.dtype], (0, 1, K), c_strides=(0, N), bias=None if bias is None else "n",
                     threads=_state["threads"], isa=_state["isa"], prec=_state["prec"])
-  out = cpu_gemm.run(g, x.reshape(M, K).contiguous(), w.contiguous(), None if bias is None else bias.float().contiguous())
+  out = cpu_gemm.run(g, x.reshape(M, K), w, None if bias is None else bias.float())
   return out.reshape(*x.shape[:-1], N)
 
 def _pair(v) -> tuple[int, int]: return (v, v) if isinstance(v, int) else tuple(v)
@@ -75,7 +75,7 @@ def conv2d(x:Tensor, weight:Tensor, bias:Tensor|None, groups=1, stride=1, dilati
     g = cpu_gemm.Gemm(B, O, H * W, C, _DT[w.dtype], (0, C, 1), "f32", (C * H * W, H * W, 1), **common)
   else:
     g = cpu_gemm.Gemm(B, O, OH * OW, C * KH * KW, _DT[w.dtype], (0, C * KH * KW, 1), "f32", conv=conv, **common)
-  out = cpu_gemm.run(g, w.reshape(O, -1).contiguous(), x.contiguous(), None if bias is None else bias.float().contiguous())
+  out = cpu_gemm.run(g, w.reshape(O, -1), x, None if bias is None else bias.float())
   return out.reshape(B, O, OH, OW)
 
 _state: dict = {"isa": None, "threads": 1, "prec": "f32"}

@@ -156,6 +156,7 @@ def impl(q:Tensor, k:Tensor, v:Tensor, attn_mask:Tensor|None, is_causal:bool) ->
   (like split_attention) and the result is cast back to q's dtype."""
   if os.environ.get("TINYSD_KERNELS", "") == "generic" or attn_mask is not None or ISA not in _CFG or cpu_isa() is None: return None
   if any(not isinstance(x.device, str) or x.device.split(":")[0] != "CPU" for x in (q, k, v)) or len({x.device for x in (q, k, v)}) != 1: return None
+  if not tg.renders_c(q.device): return None   # DEV=CPU:X86 / CPU:LLVM: no C kernel bodies
   if any(x.dtype not in (dtypes.float32, dtypes.float16) for x in (q, k, v)) or not q.ndim == k.ndim == v.ndim in (3, 4): return None
   if k.shape[:-2] != q.shape[:-2] or v.shape[:-1] != k.shape[:-1] or k.shape[-1] != q.shape[-1] or 0 in q.shape + k.shape + v.shape: return None
   if blocking(ISA, q.shape[-1], v.shape[-1]) is None: return None

@@ -2,7 +2,8 @@
 # Everything here is read from / tested against tinygrad==0.14.0.
 from __future__ import annotations
 from typing import Callable
-from tinygrad import Tensor, function
+from contextlib import contextmanager
+from tinygrad import Tensor, Device, TinyJit, function
 from tinygrad.uop.ops import UOp, Ops, UPat, PatternMatcher, graph_rewrite
 
 def _in_body(u:UOp) -> bool: return any(x.op is Ops.PARAM and x.arg.slot >= 0 for x in u.toposort(enter_calls=False))   # -1: Variables
@@ -156,3 +157,60 @@ def stored_form(t:Tensor) -> Tensor:
   u = t.uop
   if u.op is Ops.CAST and u.src[0].dtype in (dtypes.half, dtypes.bfloat16) and t.dtype == dtypes.float32: return Tensor(u.src[0])
   return t
+
+# *** per-kernel timing (tinysd bench --profile) ***
+
+@contextmanager
+def kernel_timer():
+  """Yields a list that collects (name, seconds, ops, bytes, kernels) for each CALL tinygrad runs and counts (GlobalCounters) inside.
+  tinygrad 0.14 engine/realize.py: run_linear -- a TinyJit replay's too -- makes an ExecContext and
+  calls the module global track_stats(ctx, call, st, ets) after each CALL, ets being what the runtime returned: seconds per kernel when
+  ctx.wait, else None. We swap in an ExecContext with wait=True, so the runtime times each kernel itself (CPUProgram.__call__, or whatever
+  replaced it, e.g. ops/tg.py's thread pool, which returns its own elapsed time), and wrap track_stats to record. A call that comes back
+  untimed (copies) is timed as tinygrad's DEBUG=2 path does: synchronize, now - st (st: taken just before its launch)."""
+  from tinygrad.engine import realize
+  from tinygrad.helpers import ansistrip, perf_counter_us
+  from tinygrad.uop.ops import Ops, sym_infer
+  rec: list[tuple[str, float, int, int, int]] = []
+  orig_track, orig_ctx = realize.track_stats, realize.ExecContext
+  class WaitingContext(orig_ctx):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      self.wait = True
+  def track(ctx, call, st, ets):
+    if ctx.update_stats and (kernels:=realize.get_call_kernels(call)):
+      if not ets or any(et is None for et in ets):
+        for d in {d for d, _ in kernels}: Device[d].synchronize()
+        t = float(perf_counter_us() - st) * 1e-6
+      else: t = sum(ets)
+      ast, est, n = call.src[0], realize.estimate_uop(call), len(kernels)
+      name = ansistrip(ast.arg.name) if ast.op is Ops.PROGRAM else "copy" if ast.op is Ops.COPY else \
+             f"batched {len(ast.src[0].src)}" if ast.arg == "graph" else str(ast.arg)
+      rec.append((name, t, n * int(sym_infer(est.ops, ctx.var_vals)), n * int(sym_infer(est.mem, ctx.var_vals)), n))
+    return orig_track(ctx, call, st, ets)
+  realize.track_stats, realize.ExecContext = track, WaitingContext
+  try: yield rec
+  finally: realize.track_stats, realize.ExecContext = orig_track, orig_ctx
+
+# *** TinyJit: capture on the first call ***
+
+def capture_jit(fxn:Callable) -> TinyJit:
+  """A TinyJit that captures on its first call instead of running it eagerly first. Why: the memory planner packs a schedule's internal
+  buffers only; our custom kernels' operands and outputs are Tensor-visible buffers, which an eager realize keeps alive for the whole
+  schedule (a 512-px VAE decode then held GBs), while a captured JIT plans every buffer no live Tensor holds. The eager first call exists
+  for lazily built state (weights): callers must realise that before. Reads TinyJit's call counter (engine/jit.py, 0.14)."""
+  from tinygrad import TinyJit
+  j = TinyJit(fxn)
+  j.cnt = 1
+  return j
+
+def free_jit_memory(j) -> None:
+  """Drops a captured JIT's planned activation arena (it is allocated again on the next call); the compiled graph stays."""
+  if (c := getattr(j, "captured", None)) is not None: c.free_intermediates()
+
+def renders_c(device:str) -> bool:
+  """True where the device's kernels are C compiled by clang (CPU with the CLANG renderer): only there can a kernel body be our C text.
+  DEV=CPU:X86 / CPU:LLVM keep the device name CPU with another renderer."""
+  from tinygrad.renderer.cstyle import ClangRenderer
+  try: return isinstance(Device[device].renderer, ClangRenderer)
+  except Exception: return False

@@ -54,7 +54,8 @@ def _check(tile:int, overlap:int, s:int=1):
 # int(tile*(1-f)) = tile-overlap, blend_extent int(s*tile*f) = s*overlap, row_limit = s*(tile-overlap); here these are computed in integers,
 # diffusers' in floats (equal whenever overlap/tile is exact in binary, e.g. 1/4).
 
-def decode_tiled(vae:AutoencoderKL, z:Tensor, tile:int=64, overlap:int=16, rewrite:Callable[[Tensor], Tensor]|None=None) -> Tensor:
+def decode_tiled(vae:AutoencoderKL, z:Tensor, tile:int=64, overlap:int=16, rewrite:Callable[[Tensor], Tensor]|None=None,
+                 decode:Callable[[Tensor], np.ndarray]|None=None) -> Tensor:
   """vae.decode(z) in overlapping (tile x tile)-latent tiles, blended over `overlap` latents (s*overlap image px). z: unscaled latents
   (B,C,h,w). Returns float32 (B,3,s*h,s*w). If h, w <= tile it returns vae.decode(z) itself (lazy, VAE dtype). rewrite: applied to each
   tile's lazy output before it is realised (e.g. the pipeline's split-attention install)."""
@@ -62,7 +63,7 @@ def decode_tiled(vae:AutoencoderKL, z:Tensor, tile:int=64, overlap:int=16, rewri
   rewrite = rewrite or (lambda t: t)
   if z.shape[2] <= tile and z.shape[3] <= tile: return rewrite(vae.decode(z))
   s = vae_scale(vae)
-  run = lambda zt: rewrite(vae.decode(zt).float()).numpy()
+  run = decode or (lambda zt: rewrite(vae.decode(zt).float()).numpy())   # decode: the caller's own per-tile decode (e.g. under a JIT)
   return Tensor(_tiled(run, z.realize(), tile, tile - overlap, s * overlap, s * (tile - overlap)), device=z.device)
 
 def _moments(vae:AutoencoderKL, x:Tensor) -> Tensor:

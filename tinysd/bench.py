@@ -2,10 +2,11 @@
 # The weights are written to a checkpoint by a child process first and loaded the way a user's run loads them (memory-mapped, lazily),
 # so the measuring process's memory peak is a real run's, not the artefact of building random weights.
 from __future__ import annotations
-import argparse, contextlib, os, platform, resource, statistics, subprocess, sys, tempfile, time
+import argparse, os, platform, resource, statistics, subprocess, sys, tempfile, time
 import numpy as np
 from tinygrad import GlobalCounters, Device
 from ops.quant import MODES
+from ops.tg import kernel_timer
 from tinysd import configs
 
 # "tiny": an SD1-shaped model a few MB big (the test fixtures' sizes) for smoke runs of the bench itself; its figures mean nothing
@@ -83,42 +84,10 @@ def timed(fn):
 
 # *** per-kernel profile ***
 
-@contextlib.contextmanager
-def _kernel_timer():
-  """Yields a list that collects (name, seconds, ops, bytes, kernels) for each CALL tinygrad runs and counts (GlobalCounters) inside.
-  TINYGRAD INTERNALS (0.14, engine/realize.py), to move into ops/tg.py. run_linear -- a TinyJit replay's too -- makes an ExecContext and
-  calls the module global track_stats(ctx, call, st, ets) after each CALL, ets being what the runtime returned: seconds per kernel when
-  ctx.wait, else None. We swap in an ExecContext with wait=True, so the runtime times each kernel itself (CPUProgram.__call__, or whatever
-  replaced it, e.g. ops/tg.py's thread pool, which returns its own elapsed time), and wrap track_stats to record. A call that comes back
-  untimed (copies) is timed as tinygrad's DEBUG=2 path does: synchronize, now - st (st: taken just before its launch)."""
-  from tinygrad.engine import realize
-  from tinygrad.helpers import ansistrip, perf_counter_us
-  from tinygrad.uop.ops import Ops, sym_infer
-  rec: list[tuple[str, float, int, int, int]] = []
-  orig_track, orig_ctx = realize.track_stats, realize.ExecContext
-  class WaitingContext(orig_ctx):
-    def __init__(self, *args, **kwargs):
-      super().__init__(*args, **kwargs)
-      self.wait = True
-  def track(ctx, call, st, ets):
-    if ctx.update_stats and (kernels:=realize.get_call_kernels(call)):
-      if not ets or any(et is None for et in ets):
-        for d in {d for d, _ in kernels}: Device[d].synchronize()
-        t = float(perf_counter_us() - st) * 1e-6
-      else: t = sum(ets)
-      ast, est, n = call.src[0], realize.estimate_uop(call), len(kernels)
-      name = ansistrip(ast.arg.name) if ast.op is Ops.PROGRAM else "copy" if ast.op is Ops.COPY else \
-             f"batched {len(ast.src[0].src)}" if ast.arg == "graph" else str(ast.arg)
-      rec.append((name, t, n * int(sym_infer(est.ops, ctx.var_vals)), n * int(sym_infer(est.mem, ctx.var_vals)), n))
-    return orig_track(ctx, call, st, ets)
-  realize.track_stats, realize.ExecContext = track, WaitingContext
-  try: yield rec
-  finally: realize.track_stats, realize.ExecContext = orig_track, orig_ctx
-
 def profile_call(fn, top:int=15) -> dict:
   """Runs fn once with every kernel timed; the kernels aggregated by name, the `top` slowest first, and the totals."""
   GlobalCounters.reset()
-  with _kernel_timer() as rec:
+  with kernel_timer() as rec:
     t0 = time.perf_counter(); fn(); _sync()
     wall = time.perf_counter() - t0
   agg: dict[str, list] = {}
@@ -186,6 +155,9 @@ def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1,
     pipe = tinysd.load(path, dtype=dtype, lowmem=lowmem, compute_dtype=compute_dtype)
     r["load_s"] = time.perf_counter() - t0
     r["compute_dtype"] = pipe.compute_dtype.name
+    from ops import cpu
+    r["kernels"] = dict(cpu._state) if cpu.enabled() and str(pipe.device).split(":")[0] == "CPU" else {}
+    r["gemm_precision"] = pipe.gemm_precision
     pipe.attention_chunk = attention_chunk or None
     pipe.compress_shortcuts = compress_shortcuts
     if vae_tile is not None: pipe.vae_tile = vae_tile or None   # None keeps the pipeline's default (tiled with lowmem)
@@ -239,7 +211,10 @@ def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1,
   return r
 
 def options(r:dict) -> str:
-  parts = [f"{r['dtype']} weights, {r['compute_dtype']} compute", f"split attention {r['attention_chunk']}" if r["attention_chunk"] else "plain attention"]
+  k = r.get("kernels") or {}
+  attn = "fused C attention" if k.get("isa") else f"split attention {r['attention_chunk']}" if r["attention_chunk"] else "plain attention"
+  parts = [f"{r['dtype']} weights, {r['compute_dtype']} compute", attn,
+           f"CPU kernels {k['isa']} x{k['threads']} threads, GEMMs {r.get('gemm_precision', 'f32')}" if k.get("isa") else "tinygrad's kernels"]
   if r["compress_shortcuts"]: parts.append(f"shortcuts {r['compress_shortcuts']}")
   if r["lowmem"]: parts.append("lowmem")
   if r["quant"]: parts.append(f"weights {r['quant']}")

@@ -6,6 +6,7 @@ from PIL import Image
 from tinygrad import Tensor, TinyJit, Device, dtypes
 from tinygrad.helpers import tqdm
 from tinysd import samplers
+from ops.tg import capture_jit
 from tinysd.configs import ModelConfig
 from tinysd.tokenizer import CLIPTokenizer
 from tinysd.models.clip import CLIPTextModel
@@ -103,7 +104,7 @@ class StableDiffusion:
       ids, drop = tok.tokenize(prompts)
       dropped = [max(a, b) for a, b in zip(dropped, drop)]
       name = te_name(i)
-      if (jit := self._jits.get(key := (name, len(ids)))) is None: jit = self._jits[key] = TinyJit(self._encoder_fn(te, penultimate))
+      if (jit := self._jits.get(key := (name, len(ids)))) is None: jit = self._jits[key] = capture_jit(self._encoder_fn(te, penultimate))
       with self.resident(name): ctx, *proj = (t.clone().realize() for t in jit(Tensor(np.array(ids, dtype=np.int32), device=self.device).realize()))
       ctxs.append(ctx)   # copies above: a replayed TinyJit writes its outputs into the same buffers every call
       if proj: pooled = proj[0]
@@ -150,7 +151,7 @@ class StableDiffusion:
     ex = None if extra is None else Tensor(extra.astype(np.float32), device=self.device).realize()
     def model(x:np.ndarray, t:float) -> np.ndarray:
       key = ("unet", x.shape, cfg, ctx.shape, None if ex is None else ex.shape, text_embeds is not None, self.attention_chunk, self.compress_shortcuts)
-      if (jit := self._jits.get(key)) is None: jit = self._jits[key] = TinyJit(self._step_fn(cfg))
+      if (jit := self._jits.get(key)) is None: jit = self._jits[key] = capture_jit(self._step_fn(cfg))
       xt = Tensor(x.astype(np.float32), device=self.device).realize()
       tt = Tensor([float(t)], dtype=dtypes.float32, device=self.device).realize()
       return jit(xt, tt, ctx, g, ex, text_embeds, time_ids).numpy()
@@ -197,9 +198,20 @@ class StableDiffusion:
     return np.clip((img + 1) / 2, 0, 1).transpose(0, 2, 3, 1)
 
   def _decode(self, z:Tensor) -> np.ndarray:
-    if not self.vae_tile: return self._rewrite(self.vae.decode(z).float()).numpy()
+    if not self.vae_tile or (z.shape[2] <= self.vae_tile and z.shape[3] <= self.vae_tile): return self._decode_once(z)
     from ops.tiling import decode_tiled
-    return decode_tiled(self.vae, z, self.vae_tile, self.vae_tile // 4, rewrite=self._rewrite).float().numpy()
+    return decode_tiled(self.vae, z, self.vae_tile, self.vae_tile // 4, rewrite=self._rewrite, decode=self._decode_once).float().numpy()
+
+  def _decode_once(self, z:Tensor) -> np.ndarray:
+    # through a JIT per latent shape that captures at once: its memory plan covers every buffer (an eager realize of a 512-px decode
+    # on the CPU kernels would hold all activations at once); the planned arena is dropped after each decode (one decode per image)
+    key = ("vae", "decode", z.shape, self.vae_dtype)
+    if (jit := self._jits.get(key)) is None:
+      from ops.tg import capture_jit
+      jit = self._jits[key] = capture_jit(lambda z: self._rewrite(self.vae.decode(z).float()).realize())
+    from ops.tg import free_jit_memory
+    try: return jit(z.contiguous().realize()).numpy()
+    finally: free_jit_memory(jit)
 
   @property
   def vae_dtype(self): return self.vae.decoder.conv_in.weight.dtype
@@ -209,6 +221,7 @@ class StableDiffusion:
     if self._sources is not None and "vae" in self._sources:
       self._sources["vae"] = [(p, lazy.cast(dtypes.float32) if dtypes.is_float(lazy.dtype) else lazy) for p, lazy in self._sources["vae"]]
     params = get_parameters(self.vae)
+    self._jits = {k: v for k, v in self._jits.items() if k[0] != "vae"}   # captured with the fp16 weight buffers
     for p in params: p.replace(p.cast(dtypes.float32))
     Tensor.realize(*params)
 
