@@ -160,7 +160,8 @@ def table(r:dict) -> str:
   rows = [("step_s", f"steady UNet step (batch {b})", r["step_gflop"]),
           ("vae_decode_s", f"VAE decode (batch {r['batch']})" + (first + " (--decode-runs 2)" if len(r["vae_decode_s"]) == 1 else ""), r["vae_gflop"]),
           ("text_encoder_s", f"text encoder (batch {bt})" + (first if len(te_runs) == 1 else ""), r["text_encoder_gflop"])]
-  engines = [("tinysd", f"tinysd ({r['device']} {_precision(r['compute_dtype'])})", mine, _precision(r["compute_dtype"]))]
+  prec = _precision(r['compute_dtype']) if r.get('gemm_precision', 'f32') == 'f32' else f"{_precision(r['compute_dtype'])} + bf16 GEMMs"
+  engines = [("tinysd", f"tinysd ({r['device']} {prec})", mine, _precision(r["compute_dtype"]) if prec == _precision(r['compute_dtype']) else "bf16")]
   for name, p in r["peers"].items():
     threads = f", {p['threads']} threads" if p.get("threads") else ""
     engines.append((name, f"{name} ({p['engine']}, {p['device']} {_precision(p['precision'])}{threads})", p, _precision(p["precision"])))

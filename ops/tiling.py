@@ -7,7 +7,7 @@
 # and, when it starts within `overlap` of the end, lies wholly inside its neighbour (redundant work, and the image edge then comes mostly
 # from a tile with little context); the ramp weight k/e never reaches 1, leaving a 1/e step at the inner end of each blend band; and each
 # tile has its own GroupNorm statistics and attention context, so tiled != untiled everywhere, not only at the seams.
-# Measured (python -m ops.tiling [--1024]; NULL device, SD1.5 VAE fp32, batch 1, weights and input excluded, peak of GlobalCounters.mem_used):
+# Measured (python examples/tiling_report.py [--1024]; NULL device, SD1.5 VAE fp32, batch 1, weights and input excluded, peak of GlobalCounters.mem_used):
 #   512x512 decode:   untiled 741.4 MB | tile 32 overlap 8: 185.4 MB | defaults (64, 16) = untiled path at 512: 741.4 MB
 #   1024x1024 decode: untiled 2965.4 MB | defaults (64, 16): 741.4 MB
 #   CPU, random weights, 256x256, tile 16 overlap 4: untiled 185.4 MB vs tiled 46.4 MB; error vs untiled (in [0,1] image units) max abs
@@ -15,11 +15,12 @@
 #   say little about a trained VAE's seams; 16-latent tiles are also far smaller than the 64 used by default.
 from __future__ import annotations
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TYPE_CHECKING
 import numpy as np
 from tinygrad import Tensor, GlobalCounters
 from tinygrad.device import Buffer
-from tinysd.models.vae import AutoencoderKL, DiagonalGaussian
+# ops/ sits below the models: the VAE comes in as an argument and its posterior type as vae.posterior; the import is for annotations only
+if TYPE_CHECKING: from tinysd.models.vae import AutoencoderKL, DiagonalGaussian
 
 def vae_scale(vae:AutoencoderKL) -> int: return 2 ** (len(vae.cfg.block_out_channels) - 1)   # 8 for every real SD VAE
 
@@ -78,11 +79,11 @@ def encode_tiled(vae:AutoencoderKL, x:Tensor, tile:int=512, overlap:int=128, rew
   s = vae_scale(vae)
   _check(tile, overlap, s)
   if x.shape[2] <= tile and x.shape[3] <= tile:
-    return vae.encode(x) if rewrite is None else DiagonalGaussian(rewrite(_moments(vae, x)))
+    return vae.encode(x) if rewrite is None else vae.posterior(rewrite(_moments(vae, x)))
   rewrite, dtype = rewrite or (lambda t: t), vae.encoder.conv_in.weight.dtype
   run = lambda xt: rewrite(_moments(vae, xt).float()).numpy()
   m = _tiled(run, x.realize(), tile, tile - overlap, overlap // s, (tile - overlap) // s)
-  return DiagonalGaussian(Tensor(m, device=x.device).cast(dtype))
+  return vae.posterior(Tensor(m, device=x.device).cast(dtype))
 
 @contextlib.contextmanager
 def peak_memory() -> Iterator[list[int]]:
@@ -97,42 +98,3 @@ def peak_memory() -> Iterator[list[int]]:
   Buffer.allocate = allocate
   try: yield p
   finally: Buffer.allocate = orig
-
-if __name__ == "__main__":
-  import sys, time
-  from tinygrad.helpers import Context
-  from tinygrad.nn.state import get_parameters, get_state_dict
-  from tinysd.configs import SD15
-  # 1) peak activation memory, real SD1.5 VAE on the NULL device (allocates, runs nothing): weights and input allocated before measuring
-  vae = AutoencoderKL(SD15.vae)
-  for p in get_parameters(vae): p.replace(Tensor.empty(*p.shape, dtype=p.dtype, device="NULL"))
-  for p in get_parameters(vae): p.realize().uop.buffer.ensure_allocated()
-  print(f"SD1.5 VAE fp32 on NULL, weights {GlobalCounters.mem_used/1e6:.0f} MB (excluded); peak activation memory of one decode, batch 1:")
-  for px, runs in ((512, (None, (32, 8), (64, 16))),) + (((1024, (None, (64, 16))),) if "--1024" in sys.argv else ()):
-    for tt in runs:
-      z = Tensor.empty(1, 4, px // 8, px // 8, device="NULL").realize()
-      z.uop.buffer.ensure_allocated()
-      t0 = time.perf_counter()
-      with Context(NULL_ALLOW_COPYOUT=1, NOOPT=1), peak_memory() as peak:   # NOOPT: kernel opts change no buffer, and halve the build time
-        (vae.decode(z) if tt is None else decode_tiled(vae, z, *tt)).realize()
-      what = "untiled" if tt is None else f"tiled tile={tt[0]} overlap={tt[1]}" + (" (= untiled path)" if px // 8 <= tt[0] else "")
-      print(f"  {px}x{px}  {what:40s} {peak[0]/1e6:7.1f} MB   ({time.perf_counter()-t0:.0f} s to schedule)")
-  # 2) error of tiled vs untiled decode on CPU, random weights (conv/linear N(0, 1/fan_in), norms 1+N(0, 0.1^2), biases N(0, 0.1^2))
-  vae, rng = AutoencoderKL(SD15.vae), np.random.default_rng(0)
-  for k, p in get_state_dict(vae).items():
-    fan_in = int(np.prod(p.shape[1:]))
-    a = rng.standard_normal(p.shape, dtype=np.float32) * np.float32(fan_in ** -0.5 if p.ndim > 1 else 0.1)
-    p.replace(Tensor(a + (1 if p.ndim == 1 and "norm" in k and k.endswith("weight") else 0)))
-  Tensor.realize(*get_parameters(vae))
-  z = Tensor(rng.standard_normal((1, 4, 32, 32), dtype=np.float32)).realize()
-  t0 = time.perf_counter()
-  with peak_memory() as pu: ref = vae.decode(z).numpy()
-  t1 = time.perf_counter()
-  with peak_memory() as pt: til = decode_tiled(vae, z, 16, 4).numpy()
-  t2 = time.perf_counter()
-  err = np.abs(til - ref) / 2   # images are in [-1, 1]: /2 gives [0, 1] units
-  eight = np.abs(np.round(np.clip((til + 1) / 2, 0, 1) * 255) - np.round(np.clip((ref + 1) / 2, 0, 1) * 255))
-  print("SD1.5 VAE fp32 on CPU, RANDOM weights (not a trained VAE), 256x256, tiled tile=16 overlap=4 latent vs untiled:")
-  print(f"  output std {ref.std()/2:.3f}; error ([0,1] image units) max abs {err.max():.4f}, mean abs {err.mean():.4f}; "
-        f"8-bit pixels differing {(eight > 0).mean()*100:.1f}% (max {eight.max():.0f}/255)")
-  print(f"  CPU peak activation memory {pu[0]/1e6:.1f} MB untiled vs {pt[0]/1e6:.1f} MB tiled; time {t1-t0:.0f} s vs {t2-t1:.0f} s (incl. compile)")

@@ -71,6 +71,7 @@ class Decoder:
     return self.conv_out(upcast(self.conv_norm_out, x).silu())
 
 class AutoencoderKL:
+  posterior = DiagonalGaussian   # what encode returns; ops/tiling builds it from blended moments without importing this module
   def __init__(self, cfg:VAEConfig):
     self.cfg, self.scaling_factor, self.shift_factor = cfg, cfg.scaling_factor, cfg.shift_factor
     self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
