@@ -13,10 +13,19 @@ from ops import tg, cpu_gemm
 MIN_FLOPS = 1 << 20   # below this a tinygrad kernel is as good and saves a compile
 FOLD_PIXELS = 64      # convs over images of at most this many output pixels fold the batch into N (ops/cpu_gemm.py Gemm.fold)
 
-def cpu_flags() -> set[str]:
+def cpuinfo() -> dict[str, str]:
+  """The first processor's fields in /proc/cpuinfo (Linux); {} elsewhere."""
+  info: dict[str, str] = {}
   try:
-    with open("/proc/cpuinfo") as f: return next((set(l.split(":", 1)[1].split()) for l in f if l.startswith("flags")), set())
-  except OSError: return set()
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if not line.strip(): break
+        k, _, v = line.partition(":")
+        info[k.strip()] = v.strip()
+  except OSError: pass
+  return info
+
+def cpu_flags() -> set[str]: return set(cpuinfo().get("flags", "").split())
 
 def cpu_isa() -> str|None:
   """The widest ISA our kernels have for this CPU (run-time detection), TINYSD_ISA if set, None where we have none (non-x86)."""

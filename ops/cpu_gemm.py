@@ -88,7 +88,7 @@ def source(g:Gemm) -> str:
   L.append(f"   const int kc = MIN({KC}, {g.K} - pc), kcp = (kc + 1) / 2;")
   L += _pack_b(g, LDB)
   if bf16:
-    L.append(f"   for (int k = 0; k < kcp; k++) for (int j = 0; j < ncp; j++) {{")
+    L.append("   for (int k = 0; k < kcp; k++) for (int j = 0; j < ncp; j++) {")
     L.append(f"    const float lo_ = Bp[2 * k * {LDB} + j], hi_ = (2 * k + 1 < kc) ? Bp[(2 * k + 1) * {LDB} + j] : 0.0f;")
     L.append(f"    Bp2[k * {LDB} + j] = BF(lo_) | (BF(hi_) << 16); }}")
   L.append(f"   for (int ic = m0; ic < m1; ic += {MC}) {{")
@@ -96,7 +96,7 @@ def source(g:Gemm) -> str:
   # pack A: Ap[i/MR][k][i%MR], rows past mc zero
   # row by row: each source row is read contiguously (when k is the unit stride, as for every weight), written with stride MR
   L.append(f"    for (int i = 0; i < mcp; i += {MR}) for (int r = 0; r < {MR}; r++) {{")
-  L.append(f"     float* restrict d = Ap + i * kc + r;")
+  L.append("     float* restrict d = Ap + i * kc + r;")
   L.append(f"     if (i + r >= mc) {{ for (int k = 0; k < kc; k++) d[k * {MR}] = 0.0f; continue; }}")
   L.append(f"     const {ta}* restrict src = A + (long)(ic + i + r) * {sam} + (long)pc * {sak};")
   L.append(f"     for (int k = 0; k < kc; k++) d[k * {MR}] = {_cvt(g.a_dtype, f'src[(long)k * {sak}]')};")
@@ -109,13 +109,13 @@ def source(g:Gemm) -> str:
   L.append(f"    for (int jr = 0; jr < ncp; jr += {NR}) for (int ir = 0; ir < mcp; ir += {MR}) {{")
   L += [f"     vf acc{r}_{v} = (vf)0.0f;" for r in range(MR) for v in range(NV)]
   if not bf16:
-    L.append(f"     const float* restrict ap = Ap + ir * kc; const float* restrict bp = Bp + jr;")
+    L.append("     const float* restrict ap = Ap + ir * kc; const float* restrict bp = Bp + jr;")
     L.append("     for (int k = 0; k < kc; k++) {")
     L += [f"      const vf b{v} = *(const vf*)(bp + k * {LDB} + {W * v});" for v in range(NV)]
     for r in range(MR):
       L.append(f"      {{ const float x = ap[k * {MR} + {r}]; " + " ".join(f"acc{r}_{v} += x * b{v};" for v in range(NV)) + " }")
   else:   # one vdpbf16ps = 2 k steps: acc += a[2p]*b[2p] + a[2p+1]*b[2p+1], pairs packed as 32-bit words
-    L.append(f"     const unsigned int* restrict ap = Ap2 + ir * kcp; const unsigned int* restrict bp = Bp2 + jr;")
+    L.append("     const unsigned int* restrict ap = Ap2 + ir * kcp; const unsigned int* restrict bp = Bp2 + jr;")
     L.append("     for (int k = 0; k < kcp; k++) {")
     L += [f"      const vi b{v} = *(const vi*)(bp + k * {LDB} + {W * v});" for v in range(NV)]
     for r in range(MR):
@@ -139,7 +139,7 @@ def source(g:Gemm) -> str:
       L.append("        *(vf*)p = o; }")
   L.append("     } else {")
   L += [f"      *(vf*)(tile + {r * NR + W * v}) = acc{r}_{v};" for r in range(MR) for v in range(NV)]
-  L.append(f"      for (int r = 0; r < mr; r++) for (int j = 0; j < nr; j++) {{")
+  L.append("      for (int r = 0; r < mr; r++) for (int j = 0; j < nr; j++) {")
   pj = f"Cq + (long)((q0 + j) / {g.N}) * {scb} + (long)(ic + ir + r) * {scm} + (q0 + j) % {g.N}" if g.fold else f"c + (long)r * {scm} + j"
   L.append(f"       float o = tile[r * {NR} + j]; float* p = {pj}; if (pc) o += *p;")
   if g.bias == "m": L.append("       if (last) o += bias[ic + ir + r];")
@@ -192,8 +192,6 @@ def _fmt(code:str, names:list[str]) -> str:
   code = tg.c_escape(code)
   for i, n in enumerate(names): code = code.replace(f"@{n}@", "{%d}" % i)
   return code
-
-_DT = {dtypes.float32: "f32", dtypes.float16: "f16", dtypes.bfloat16: "bf16"}
 
 def run(g:Gemm, a:Tensor, b:Tensor, bias:Tensor|None=None) -> Tensor:
   """The kernel as a lazy Tensor op: (batch*M*N,) float32. a, b, bias must be contiguous buffers in the dtypes/strides g describes."""

@@ -125,7 +125,7 @@ _pool: list = []   # [launcher as a ctypes function]
 
 def _parallel_call(self, *bufs, global_size=(1, 1, 1), local_size=(1, 1, 1), vals=(), wait=False, timeout=None):
   # tinygrad's CPUProgram.__call__ runs the core ids of a kernel one after the other on the calling thread; this hands them to the pool
-  import ctypes, time
+  import time
   from ops.cpu_pool import NARGS
   if self.lvp or 'core_id' not in self.runtimevars or global_size[0] <= 1: return _orig_call[0](self, *bufs, global_size=global_size,
                                                                                                  local_size=local_size, vals=vals, wait=wait, timeout=timeout)

@@ -23,14 +23,8 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512fp16", "amx_bf16", "amx_ti
 def cpu_info() -> dict:
   """{"model": name, "cores": logical cores, "flags": {flag: bool}} for CPU_FLAGS, from the first processor in /proc/cpuinfo (Linux).
   Elsewhere the platform's processor name, and flags None (unknown). The family/model numbers tell apart CPUs sold under one name."""
-  info: dict[str, str] = {}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if not line.strip(): break
-        k, _, v = line.partition(":")
-        info[k.strip()] = v.strip()
-  except OSError: pass
+  from ops.cpu import cpuinfo
+  info = cpuinfo()
   model = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
   if "cpu family" in info: model += f" ({info.get('vendor_id', '?')} family {info['cpu family']} model {info.get('model', '?')})"
   flags = set(info["flags"].split()) if "flags" in info else None

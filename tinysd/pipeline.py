@@ -6,7 +6,7 @@ from PIL import Image
 from tinygrad import Tensor, TinyJit, Device, dtypes
 from tinygrad.helpers import tqdm
 from tinysd import samplers
-from ops.tg import capture_jit
+from ops.tg import capture_jit, free_jit_memory
 from tinysd.configs import ModelConfig
 from tinysd.tokenizer import CLIPTokenizer
 from tinysd.models.clip import CLIPTextModel
@@ -205,11 +205,8 @@ class StableDiffusion:
   def _decode_once(self, z:Tensor) -> np.ndarray:
     # through a JIT per latent shape that captures at once: its memory plan covers every buffer (an eager realize of a 512-px decode
     # on the CPU kernels would hold all activations at once); the planned arena is dropped after each decode (one decode per image)
-    key = ("vae", "decode", z.shape, self.vae_dtype)
-    if (jit := self._jits.get(key)) is None:
-      from ops.tg import capture_jit
-      jit = self._jits[key] = capture_jit(lambda z: self._rewrite(self.vae.decode(z).float()).realize())
-    from ops.tg import free_jit_memory
+    key = ("vae", "decode", z.shape, self.vae_dtype, self.attention_chunk)
+    if (jit := self._jits.get(key)) is None: jit = self._jits[key] = capture_jit(lambda z: self._rewrite(self.vae.decode(z).float()).realize())
     try: return jit(z.contiguous().realize()).numpy()
     finally: free_jit_memory(jit)
 
