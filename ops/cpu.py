@@ -52,7 +52,7 @@ def _ours(x:Tensor, w:Tensor, flops:int) -> bool:
           and all(isinstance(s, int) for s in x.shape))
 
 def linear(x:Tensor, weight:Tensor, bias:Tensor|None) -> Tensor|None:
-  """x @ weight.T + bias on our kernel, or None when not ours. weight (N, K) in any of fp32/fp16/bf16 (widened while packed)."""
+  """x @ weight.T + bias on our kernel, or None when not ours. weight (N, K) fp32 or fp16 (widened while packed); bf16 stays generic."""
   w = tg.stored_form(weight)
   (N, K), M = w.shape, x.numel() // x.shape[-1]
   if not _ours(x, w, 2 * M * N * K) or (bias is not None and bias.shape != (N,)): return None

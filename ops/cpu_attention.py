@@ -154,7 +154,8 @@ def impl(q:Tensor, k:Tensor, v:Tensor, attn_mask:Tensor|None, is_causal:bool) ->
   """The ops/attention.py rewrite contract: attention() for what it handles, None (keep tinygrad's SDPA) otherwise: another device, a
   mask, a non-float dtype, unequal batch/head dims, a CPU without a kernel, or TINYSD_KERNELS=generic. fp16 inputs are computed in fp32
   (like split_attention) and the result is cast back to q's dtype."""
-  if os.environ.get("TINYSD_KERNELS", "") == "generic" or attn_mask is not None or ISA not in _CFG or cpu_isa() is None: return None
+  from ops.cpu import generic
+  if generic() or attn_mask is not None or ISA not in _CFG or cpu_isa() is None: return None
   if any(not isinstance(x.device, str) or x.device.split(":")[0] != "CPU" for x in (q, k, v)) or len({x.device for x in (q, k, v)}) != 1: return None
   if not tg.renders_c(q.device): return None   # DEV=CPU:X86 / CPU:LLVM: no C kernel bodies
   if any(x.dtype not in (dtypes.float32, dtypes.float16) for x in (q, k, v)) or not q.ndim == k.ndim == v.ndim in (3, 4): return None

@@ -127,11 +127,10 @@ def _parallel_call(self, *bufs, global_size=(1, 1, 1), local_size=(1, 1, 1), val
   # tinygrad's CPUProgram.__call__ runs the core ids of a kernel one after the other on the calling thread; this hands them to the pool
   import time
   from ops.cpu_pool import NARGS
-  if self.lvp or 'core_id' not in self.runtimevars or global_size[0] <= 1: return _orig_call[0](self, *bufs, global_size=global_size,
-                                                                                                 local_size=local_size, vals=vals, wait=wait, timeout=timeout)
-  st = time.perf_counter()
   args = [int(b.va_addr) for b in bufs] + [0 if v is None else int(v) for v in vals]
-  if len(args) > NARGS: return _orig_call[0](self, *bufs, global_size=global_size, local_size=local_size, vals=vals, wait=wait, timeout=timeout)
+  if self.lvp or 'core_id' not in self.runtimevars or global_size[0] <= 1 or len(args) > NARGS:
+    return _orig_call[0](self, *bufs, global_size=global_size, local_size=local_size, vals=vals, wait=wait, timeout=timeout)
+  st = time.perf_counter()
   _pool[0](self.addr, global_size[0], self.runtimevars['core_id'], *args, *([0] * (NARGS - len(args))))
   return time.perf_counter() - st if wait else None
 
