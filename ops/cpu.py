@@ -1,14 +1,18 @@
 # The CPU fast path: every Linear and Conv2d of the models (and of anything else built from tinygrad.nn) runs on our GEMM kernels
-# (ops/cpu_gemm.py) when the tensors live on the CPU device in fp32, and all CPU kernels use every core (ops/cpu_pool.py). Model code is
-# unchanged: install() wraps tinygrad.nn.Linear/Conv2d.__call__, and each call falls back to tinygrad's own op when the case is not ours
-# (another device, fp16 compute, groups/dilation, tiny or symbolic shapes).
+# (ops/cpu_gemm.py; big stride-1 3x3 convs as Winograd, ops/cpu_winograd.py) when the tensors live on the CPU device in fp32, SiLU, GELU,
+# quick GELU, GroupNorm (+ a SiLU after it, fused) and LayerNorm on ours (ops/cpu_act.py, ops/cpu_norm.py), and all CPU kernels use every
+# core (ops/cpu_pool.py). Model code is unchanged: install() wraps tinygrad.nn.Linear/Conv2d/GroupNorm/LayerNorm.__call__ and
+# Tensor.silu/gelu/quick_gelu, and each call falls back to tinygrad's own op when the case is not ours (another device, fp16 compute,
+# groups/dilation, tiny or symbolic shapes).
 # Switches: TINYSD_KERNELS=generic (tinygrad's kernels only, on one core as tinygrad 0.14 runs them), TINYSD_ISA=avx512|avx2 (force an ISA:
 # the AVX2 path can be tested on an AVX-512 machine), TINYSD_THREADS=n.
 from __future__ import annotations
 import os, platform
 from tinygrad import Tensor, dtypes
 from tinygrad.nn import Linear, Conv2d
-from ops import tg, cpu_gemm, cpu_winograd
+import weakref
+from tinygrad.nn import GroupNorm, LayerNorm
+from ops import tg, cpu_gemm, cpu_winograd, cpu_act, cpu_norm
 
 MIN_FLOPS = 1 << 20   # below this a tinygrad kernel is as good and saves a compile
 FOLD_PIXELS = 64      # convs over images of at most this many output pixels fold the batch into N (ops/cpu_gemm.py Gemm.fold)
@@ -115,6 +119,54 @@ class precision:
     self.old, _state["prec"] = _state["prec"], self.prec
   def __exit__(self, *exc): _state["prec"] = self.old
 _orig: dict = {}
+MIN_ACT = 1 << 10   # activations over fewer elements stay tinygrad's (fused into their neighbours there); low enough that the
+                    # tiny parity-test models run through ours
+
+def activation(kind:str, x:Tensor) -> Tensor|None:
+  """kind(x) on our kernel (ops/cpu_act.py), or None when not ours."""
+  if _state["isa"] is None or not _on_cpu(x) or x.dtype != dtypes.float32 or not all(isinstance(s, int) for s in x.shape) or x.numel() < MIN_ACT:
+    return None
+  return cpu_act.run(kind, x, _state["threads"])
+
+# GroupNorm outputs of ours, by UOp -> the call's arguments: a SiLU applied to one is computed as one fused GroupNorm+SiLU kernel from them
+# (the unfused GroupNorm output is then never used, so never scheduled)
+_gn_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+def group_norm(x:Tensor, G:int, weight:Tensor|None, bias:Tensor|None, eps:float) -> Tensor|None:
+  if _state["isa"] is None or not _on_cpu(x) or x.dtype != dtypes.float32 or x.ndim < 2 or not all(isinstance(s, int) for s in x.shape) \
+     or x.shape[1] % G or x.numel() < MIN_ACT: return None
+  out = cpu_norm.group_norm(x, G, weight, bias, eps, False, _state["threads"])
+  _gn_outputs[out.uop] = (x, G, weight, bias, eps)
+  return out
+
+def layer_norm(x:Tensor, weight:Tensor|None, bias:Tensor|None, eps:float) -> Tensor|None:
+  if _state["isa"] is None or not _on_cpu(x) or x.dtype != dtypes.float32 or not all(isinstance(s, int) for s in x.shape) or x.numel() < MIN_ACT:
+    return None
+  return cpu_norm.layer_norm(x, weight, bias, eps, _state["threads"])
+
+def _silu(self:Tensor) -> Tensor:
+  if (gn := _gn_outputs.get(self.uop)) is not None:
+    x, G, weight, bias, eps = gn
+    return cpu_norm.group_norm(x, G, weight, bias, eps, True, _state["threads"])
+  out = activation("silu", self)
+  return _orig["silu"](self) if out is None else out
+
+def _group_norm_call(self, x:Tensor) -> Tensor:
+  out = group_norm(x, self.num_groups, self.weight, self.bias, self.eps) if (self.weight is None) == (self.bias is None) else None
+  return _orig["group_norm"](self, x) if out is None else out
+
+def _layer_norm_call(self, x:Tensor) -> Tensor:
+  ok = len(self.normalized_shape) == 1 and (self.weight is None) == (self.bias is None)
+  out = layer_norm(x, self.weight, self.bias, self.eps) if ok else None
+  return _orig["layer_norm"](self, x) if out is None else out
+
+def _gelu(self:Tensor, approximate:str="tanh") -> Tensor:
+  out = activation("gelu", self) if approximate == "none" else None
+  return _orig["gelu"](self, approximate) if out is None else out
+
+def _quick_gelu(self:Tensor) -> Tensor:
+  out = activation("quick_gelu", self)
+  return _orig["quick_gelu"](self) if out is None else out
 
 def _linear_call(self, x:Tensor) -> Tensor:
   out = linear(x, self.weight, self.bias)
@@ -140,11 +192,17 @@ def install() -> dict:
   _state.update(isa=isa, threads=n)
   _orig["linear"], _orig["conv"] = Linear.__call__, Conv2d.__call__
   Linear.__call__, Conv2d.__call__ = _linear_call, _conv_call
+  _orig.update(silu=Tensor.silu, gelu=Tensor.gelu, quick_gelu=Tensor.quick_gelu, group_norm=GroupNorm.__call__, layer_norm=LayerNorm.__call__)
+  Tensor.silu, Tensor.gelu, Tensor.quick_gelu = _silu, _gelu, _quick_gelu
+  GroupNorm.__call__, LayerNorm.__call__ = _group_norm_call, _layer_norm_call
   return _state
 
 def enabled() -> bool: return bool(_orig) and _state["isa"] is not None
 
 def uninstall():
   """Back to tinygrad's Linear/Conv2d (the thread pool stays: it is harmless and shared)."""
-  if _orig: Linear.__call__, Conv2d.__call__ = _orig.pop("linear"), _orig.pop("conv")
+  if _orig:
+    Linear.__call__, Conv2d.__call__ = _orig.pop("linear"), _orig.pop("conv")
+    Tensor.silu, Tensor.gelu, Tensor.quick_gelu = _orig.pop("silu"), _orig.pop("gelu"), _orig.pop("quick_gelu")
+    GroupNorm.__call__, LayerNorm.__call__ = _orig.pop("group_norm"), _orig.pop("layer_norm")
   _state.update(isa=None)
