@@ -6,14 +6,14 @@ import numpy as np
 from tinygrad import Tensor, Context
 from tinygrad.nn.state import get_state_dict
 from tinysd.configs import UNetConfig
-from tinysd.pipeline import _placeholder_init
+from ops.tg import placeholder_init
 from tinysd.models.unet import UNet2DConditionModel
 
 CFG = UNetConfig(block_out_channels=(32, 64), cross_attention_dim=32, sample_size=16,
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 def unet() -> UNet2DConditionModel:
-  with _placeholder_init(): return UNet2DConditionModel(CFG)
+  with placeholder_init(): return UNet2DConditionModel(CFG)
 
 def run(dev:str, weights:dict, x, t, ctx) -> np.ndarray:
   with Context(DEV=dev):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 from __future__ import annotations
 from tinygrad import Tensor
-from ops.shortcuts import MODES, install, compressed_nbytes, _randomize
+from ops.shortcuts import MODES, install, compressed_nbytes
+from ops.tg import placeholder_init, random_init, PeakMemory
 
 # python examples/shortcuts_report.py: memory saved and error added by shortcut compression (random weights throughout: memory does not depend on them, errors do a little)
 
@@ -15,15 +16,13 @@ def _skip_shapes(unet, sample:Tensor, *args) -> list[tuple[tuple[int, ...], obje
 def _memory(cfg, latent:int, batch:int, modes:tuple, attention:bool, log=print) -> dict:
   # NULL device: allocates and plans, runs no kernels. The step runs under TinyJit as in the pipeline: call 1 runs eagerly (and allocates
   # the weights: subtracted), call 2 captures and memory-plans the whole step into one arena (the steady state), later calls reuse it.
-  from tinygrad import TinyJit, GlobalCounters, Context
+  from tinygrad import TinyJit, Context
   from tinygrad.nn.state import get_parameters
   from tinysd.models.unet import UNet2DConditionModel
-  from tinysd.pipeline import _placeholder_init
-  from tinysd.bench import PeakMemory
   from ops.attention import install as split_attention
   res = {}
   with Context(DEV="NULL"):
-    with _placeholder_init(): unet = UNet2DConditionModel(cfg)
+    with placeholder_init(): unet = UNet2DConditionModel(cfg)
     weights = sum(p.nbytes() for p in get_parameters(unet))
     x, t = Tensor.empty(batch, cfg.in_channels, latent, latent).realize(), Tensor([500.]).realize()
     c = Tensor.empty(batch, 77, cfg.cross_attention_dim).realize()
@@ -35,10 +34,8 @@ def _memory(cfg, latent:int, batch:int, modes:tuple, attention:bool, log=print) 
         return (split_attention(out, q_chunk=1024, k_chunk=1024) if attention else out).realize()
       jit, peaks = TinyJit(step), []
       for i in range(3):
-        base, mem = GlobalCounters.mem_used, PeakMemory()
-        try: jit(x, t, c)
-        finally: mem.close()
-        peaks.append(mem.peak - base - (weights if i == 0 and mode == modes[0] else 0))
+        with PeakMemory() as mem: jit(x, t, c)
+        peaks.append(mem.peak - (weights if i == 0 and mode == modes[0] else 0))
       res[mode] = peaks
       log(f"  {mode or 'none':5s} split attention {'on ' if attention else 'off'}: first call {peaks[0]/2**20:7.1f} MiB, "
           f"JIT capture (arena) {peaks[1]/2**20:7.1f} MiB, replay {peaks[2]/2**20:.1f} MiB")
@@ -53,10 +50,9 @@ def _rel(a, b) -> tuple[float, float]:
 def _unet_error(cfg, latent:int, batch:int, modes:tuple, seed:int=0, log=print) -> dict:
   import numpy as np
   from tinysd.models.unet import UNet2DConditionModel
-  from tinysd.pipeline import _placeholder_init
   rng = np.random.default_rng(seed)
-  with _placeholder_init(): unet = UNet2DConditionModel(cfg)
-  _randomize(unet, rng)
+  with placeholder_init(): unet = UNet2DConditionModel(cfg)
+  random_init(unet, rng)
   x = Tensor(rng.standard_normal((batch, cfg.in_channels, latent, latent), dtype=np.float32)).realize()
   c = Tensor(rng.standard_normal((batch, 77, cfg.cross_attention_dim), dtype=np.float32)).realize()
   t = Tensor([500.]).realize()
@@ -73,11 +69,10 @@ def _trajectory_error(cfg, latent:int, steps:int, sampler:str, modes:tuple, seed
   from tinygrad import TinyJit
   from tinysd.configs import SchedulerConfig
   from tinysd.models.unet import UNet2DConditionModel
-  from tinysd.pipeline import _placeholder_init
   from tinysd.samplers import sample
   rng = np.random.default_rng(seed)
-  with _placeholder_init(): unet = UNet2DConditionModel(cfg)
-  _randomize(unet, rng)
+  with placeholder_init(): unet = UNet2DConditionModel(cfg)
+  random_init(unet, rng)
   ctx = Tensor(rng.standard_normal((1, 77, cfg.cross_attention_dim), dtype=np.float32)).realize()
   x0 = rng.standard_normal((1, cfg.in_channels, latent, latent), dtype=np.float32)
   finals, firsts = {}, {}

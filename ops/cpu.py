@@ -7,11 +7,9 @@
 # Switches: TINYSD_KERNELS=generic (tinygrad's kernels only, on one core as tinygrad 0.14 runs them), TINYSD_ISA=avx512|avx2 (force an ISA:
 # the AVX2 path can be tested on an AVX-512 machine), TINYSD_THREADS=n.
 from __future__ import annotations
-import os, platform
+import functools, os, platform, weakref
 from tinygrad import Tensor, dtypes
-from tinygrad.nn import Linear, Conv2d
-import weakref
-from tinygrad.nn import GroupNorm, LayerNorm
+from tinygrad.nn import Linear, Conv2d, GroupNorm, LayerNorm
 from ops import tg, cpu_gemm, cpu_winograd, cpu_act, cpu_norm
 
 MIN_FLOPS = 1 << 20   # below this a tinygrad kernel is as good and saves a compile
@@ -21,6 +19,7 @@ FOLD_PIXELS = 64      # convs over images of at most this many output pixels fol
 # CFG batch) the per-call filter transform eats the gain (1.04x). TINYSD_WINOGRAD=0: never, =1: every stride-1 3x3 conv (tests).
 WINO_MIN_TILES = 128
 
+@functools.cache   # read once per process: the CPU does not change under it, and cpu_isa() is asked for every traced attention
 def cpuinfo() -> dict[str, str]:
   """The first processor's fields in /proc/cpuinfo (Linux); {} elsewhere."""
   info: dict[str, str] = {}

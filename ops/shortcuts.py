@@ -53,16 +53,3 @@ def compressed_nbytes(shape:tuple[int, ...], dtype, mode:str|None) -> int:
   for s in shape: n *= s
   if mode is None or (mode == "fp16" and dtype.itemsize <= 2): return n * dtype.itemsize
   return n * 2 if mode == "fp16" else n + shape[0] * shape[1] * 4
-
-def _randomize(model, rng) -> None:
-  # norms near 1 / biases near 0 (a swapped or missing one would show), matrices N(0, 1/fan_in): activations stay O(1) through the depth
-  from tinygrad.nn.state import get_state_dict
-  batch, nbytes = [], 0
-  for name, p in get_state_dict(model).items():
-    if len(p.shape) > 1: v = rng.standard_normal(p.shape, dtype="float32") * (1 / max(1, p.numel() // p.shape[0])) ** 0.5
-    elif name.endswith("weight"): v = rng.uniform(0.8, 1.2, p.shape).astype("float32")
-    else: v = rng.uniform(-0.2, 0.2, p.shape).astype("float32")
-    p.replace(Tensor(v, device=p.device).cast(p.dtype))
-    batch.append(p); nbytes += p.nbytes()
-    if nbytes > 1 << 28: Tensor.realize(*batch); batch, nbytes = [], 0
-  Tensor.realize(*batch)

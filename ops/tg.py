@@ -3,7 +3,7 @@
 from __future__ import annotations
 from typing import Callable
 from contextlib import contextmanager
-from tinygrad import Tensor, Device, TinyJit, function
+from tinygrad import Tensor, Device, TinyJit, GlobalCounters, function
 from tinygrad.uop.ops import UOp, Ops, UPat, PatternMatcher, graph_rewrite
 
 def _in_body(u:UOp) -> bool: return any(x.op is Ops.PARAM and x.arg.slot >= 0 for x in u.toposort(enter_calls=False))   # -1: Variables
@@ -91,6 +91,85 @@ def drop_file_pages():
     if (mem := getattr(Device[name], "mem", None)) is not None and hasattr(mmap, "MADV_DONTNEED"):
       try: mem.madvise(mmap.MADV_DONTNEED)
       except (OSError, ValueError): pass   # closed meanwhile, or a platform without madvise on this mapping
+
+def lazy_graph(t:Tensor) -> UOp: return t.uop   # what a lazy tensor (e.g. a weight's file read) will compute, to be put back later
+def restore_lazy(t:Tensor, graph:UOp) -> None: t.replace(Tensor(graph))   # t computes that graph again; its realised buffer is dropped
+
+def free_cached_memory(device:str) -> None:
+  """tinygrad's LRU allocators keep freed blocks for reuse (device.py LRUAllocator.free_cache): hand them back to the system."""
+  if hasattr(alloc := Device[device].allocator, "free_cache"): alloc.free_cache()
+
+def allocate(t:Tensor) -> Tensor:
+  """t realised with its buffer allocated (on the NULL device realize allocates nothing until a kernel writes it): for memory accounting."""
+  t.realize().uop.buffer.ensure_allocated()
+  return t
+
+# *** construction: the layers' random init replaced by placeholders ***
+
+@contextmanager
+def placeholder_init():
+  """Yields a list that collects every weight tinygrad's layers create while inside, each an empty placeholder instead of a random-init
+  graph (~40 ms of Python per weight, hundreds per UNet, all thrown away by loading): fill them (load_state_dict, random_init) or
+  replace them before use. tinygrad.nn's layers draw their init from Tensor.uniform / Tensor.glorot_uniform (nn/__init__.py, 0.14)."""
+  made, orig = [], {n: Tensor.__dict__.get(n) for n in ("uniform", "glorot_uniform")}
+  def empty(*shape, **kw):
+    made.append(t := Tensor.empty(*(shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape), dtype=kw.get("dtype"),
+                                  device=kw.get("device")))
+    return t
+  Tensor.uniform = Tensor.glorot_uniform = staticmethod(empty)
+  try: yield made
+  finally:
+    for n, f in orig.items():
+      if f is None: delattr(Tensor, n)   # the originals live on a mixin base class
+      else: setattr(Tensor, n, f)
+
+def random_init(model, rng, dtype=None) -> None:
+  """Every parameter of model (a tinygrad.nn layer tree) in place from the numpy Generator rng, stored in dtype (default: its own), for
+  benchmarks, demo models and tests: matrices N(0, 1/fan_in), so activations stay O(1) through the depth; norm weights U(0.8, 1.2) and
+  biases U(-0.2, 0.2), so a swapped or dropped one shows. Realised ~256 MB at a time: bounded numpy staging, no second copy."""
+  from tinygrad.nn.state import get_state_dict
+  batch, nbytes = [], 0
+  for name, p in get_state_dict(model).items():
+    if len(p.shape) > 1: v = rng.standard_normal(p.shape, dtype="float32") * (1 / max(1, p.numel() // p.shape[0])) ** 0.5
+    elif name.endswith("weight"): v = rng.uniform(0.8, 1.2, p.shape).astype("float32")
+    else: v = rng.uniform(-0.2, 0.2, p.shape).astype("float32")
+    p.replace(Tensor(v, device=p.device).cast(dtype or p.dtype))
+    batch.append(p); nbytes += p.nbytes()
+    if nbytes > 1 << 28: Tensor.realize(*batch); batch, nbytes = [], 0
+  Tensor.realize(*batch)
+
+# *** peak memory: tinygrad keeps only the current figure, so every allocation is watched ***
+
+_watching: list[PeakMemory] = []
+_orig_allocate: list = []
+
+def _allocate(buf, *args, **kwargs):
+  r = _orig_allocate[0](buf, *args, **kwargs)
+  for m in _watching: m.top = max(m.top, GlobalCounters.mem_used)
+  return r
+
+class PeakMemory:
+  """`with PeakMemory() as m: ...` -> m.peak: the high-water mark of tinygrad's allocated bytes (GlobalCounters.mem_used, every non-DISK
+  device) while inside, above the figure on entry (or at the last reset); m.top is the absolute mark. Deterministic, unlike RSS. Patches
+  Buffer.allocate (device.py, 0.14) while any tracker is open; trackers nest; not thread safe."""
+  def __init__(self): self.base = self.top = GlobalCounters.mem_used
+  @property
+  def peak(self) -> int: return self.top - self.base
+  def reset(self) -> int:
+    """The absolute mark so far; a new window starts at the current figure."""
+    top, self.base = self.top, GlobalCounters.mem_used
+    self.top = self.base
+    return top
+  def __enter__(self) -> PeakMemory:
+    from tinygrad.device import Buffer
+    if not _watching: _orig_allocate.append(Buffer.allocate); Buffer.allocate = _allocate
+    self.base = self.top = GlobalCounters.mem_used
+    _watching.append(self)
+    return self
+  def __exit__(self, *exc):
+    from tinygrad.device import Buffer
+    _watching.remove(self)
+    if not _watching: Buffer.allocate = _orig_allocate.pop()
 
 # *** hand-written C kernels on the CPU device ***
 
@@ -213,3 +292,13 @@ def renders_c(device:str) -> bool:
   from tinygrad.renderer.cstyle import ClangRenderer
   try: return isinstance(Device[device].renderer, ClangRenderer)
   except Exception: return False
+
+def shareable_diskcache():
+  """tinygrad opens its compile cache (sqlite) once per process, in whichever thread compiles first, and sqlite refuses that connection in
+  any other thread. A server compiles in its own worker thread: reopen the connection so every thread may use it (one at a time)."""
+  import os, sqlite3
+  from tinygrad import helpers
+  if os.path.dirname(helpers.CACHEDB): os.makedirs(os.path.dirname(helpers.CACHEDB), exist_ok=True)
+  conn = sqlite3.connect(helpers.CACHEDB, timeout=60, isolation_level="IMMEDIATE", check_same_thread=False)
+  conn.execute("PRAGMA synchronous=NORMAL")
+  helpers._db_connection = conn

@@ -14,15 +14,13 @@
 #   0.56, mean abs 0.049 (output std 0.28; the same tiles without blending: 1.09, 0.074), 90% of 8-bit pixels differ. Random weights
 #   say little about a trained VAE's seams; 16-latent tiles are also far smaller than the 64 used by default.
 from __future__ import annotations
-import contextlib
-from typing import Callable, Iterator, TYPE_CHECKING
+from typing import Callable
 import numpy as np
-from tinygrad import Tensor, GlobalCounters
-from tinygrad.device import Buffer
-# ops/ sits below the models: the VAE comes in as an argument and its posterior type as vae.posterior; the import is for annotations only
-if TYPE_CHECKING: from tinysd.models.vae import AutoencoderKL, DiagonalGaussian
+from tinygrad import Tensor
+# ops/ sits below the models and never imports tinysd: `vae` is a tinysd.models.vae.AutoencoderKL taken duck-typed (cfg, encoder, decoder,
+# posterior), and its posterior type comes as vae.posterior
 
-def vae_scale(vae:AutoencoderKL) -> int: return 2 ** (len(vae.cfg.block_out_channels) - 1)   # 8 for every real SD VAE
+def vae_scale(vae) -> int: return 2 ** (len(vae.cfg.block_out_channels) - 1)   # 8 for every real SD VAE
 
 def _blend(a:np.ndarray, b:np.ndarray, extent:int, axis:int):
   # diffusers' blend_v (axis 2) / blend_h (axis 3), in place on b: b[k] = a[-e+k] * (1 - k/e) + b[k] * k/e for k < e
@@ -55,7 +53,7 @@ def _check(tile:int, overlap:int, s:int=1):
 # int(tile*(1-f)) = tile-overlap, blend_extent int(s*tile*f) = s*overlap, row_limit = s*(tile-overlap); here these are computed in integers,
 # diffusers' in floats (equal whenever overlap/tile is exact in binary, e.g. 1/4).
 
-def decode_tiled(vae:AutoencoderKL, z:Tensor, tile:int=64, overlap:int=16, rewrite:Callable[[Tensor], Tensor]|None=None,
+def decode_tiled(vae, z:Tensor, tile:int=64, overlap:int=16, rewrite:Callable[[Tensor], Tensor]|None=None,
                  decode:Callable[[Tensor], np.ndarray]|None=None) -> Tensor:
   """vae.decode(z) in overlapping (tile x tile)-latent tiles, blended over `overlap` latents (s*overlap image px). z: unscaled latents
   (B,C,h,w). Returns float32 (B,3,s*h,s*w). If h, w <= tile it returns vae.decode(z) itself (lazy, VAE dtype). rewrite: applied to each
@@ -67,12 +65,12 @@ def decode_tiled(vae:AutoencoderKL, z:Tensor, tile:int=64, overlap:int=16, rewri
   run = decode or (lambda zt: rewrite(vae.decode(zt).float()).numpy())   # decode: the caller's own per-tile decode (e.g. under a JIT)
   return Tensor(_tiled(run, z.realize(), tile, tile - overlap, s * overlap, s * (tile - overlap)), device=z.device)
 
-def _moments(vae:AutoencoderKL, x:Tensor) -> Tensor:
+def _moments(vae, x:Tensor) -> Tensor:
   # vae.encode's posterior parameters before DiagonalGaussian clamps logvar: diffusers blends these raw moments
   h = vae.encoder(x.cast(vae.encoder.conv_in.weight.dtype))
   return h if vae.quant_conv is None else vae.quant_conv(h)
 
-def encode_tiled(vae:AutoencoderKL, x:Tensor, tile:int=512, overlap:int=128, rewrite:Callable[[Tensor], Tensor]|None=None) -> DiagonalGaussian:
+def encode_tiled(vae, x:Tensor, tile:int=512, overlap:int=128, rewrite:Callable[[Tensor], Tensor]|None=None):
   """vae.encode(x) in overlapping (tile x tile)-pixel tiles, the posterior moments blended over overlap/s latents. x: images in [-1, 1],
   (B,3,H,W); tile and overlap must be multiples of the VAE scale s. If H, W <= tile it returns vae.encode(x) itself. The moments keep the
   VAE's dtype, so .mean / .sample(noise) behave as after vae.encode."""
@@ -84,17 +82,3 @@ def encode_tiled(vae:AutoencoderKL, x:Tensor, tile:int=512, overlap:int=128, rew
   run = lambda xt: rewrite(_moments(vae, xt).float()).numpy()
   m = _tiled(run, x.realize(), tile, tile - overlap, overlap // s, (tile - overlap) // s)
   return vae.posterior(Tensor(m, device=x.device).cast(dtype))
-
-@contextlib.contextmanager
-def peak_memory() -> Iterator[list[int]]:
-  """with peak_memory() as p: ... -> p[0] = peak of GlobalCounters.mem_used (all devices) above its value on entry, in bytes. tinygrad has no
-  peak counter: Buffer.allocate is patched while inside (not thread safe)."""
-  base, orig = GlobalCounters.mem_used, Buffer.allocate
-  p = [0]
-  def allocate(self, *a, **k):
-    r = orig(self, *a, **k)
-    p[0] = max(p[0], GlobalCounters.mem_used - base)
-    return r
-  Buffer.allocate = allocate
-  try: yield p
-  finally: Buffer.allocate = orig

@@ -1,5 +1,5 @@
 # The bad-input table, through the real `tinysd` command: one line on stderr, exit status 2, no traceback, no output file.
-import json, subprocess, sys
+import json, os, shutil, stat, struct, subprocess, sys, zlib
 import numpy as np, pytest
 from PIL import Image
 from fixtures import make_tiny_pipeline_folder, make_tiny_single_file
@@ -83,12 +83,12 @@ def test_inpaint_bad_mask(tmp_path, model, image):
   bad(tmp_path, "inpaint", "--model", model, "--prompt", "a cat", "--steps", "1", "--image", image, "--mask", m, match="aspect")
   bad(tmp_path, "inpaint", "--model", model, "--prompt", "a cat", "--steps", "1", "--image", image, match="no mask")
 
-def test_long_prompt_warns_and_writes_png(tmp_path, model):
+def test_long_prompt_is_not_truncated_and_writes_png(tmp_path, model):
   out = tmp_path / "ok.png"
   code, stdout, stderr = tinysd("txt2img", "--model", model, "--prompt", "a red cat " * 40, "--steps", "1", "--width", "64", "--height", "64",
                                 "--seed", "5", "--sampler", "ddim", "--output", out)
   assert code == 0, stderr
-  assert "tokens were dropped" in stderr and "45 tokens" in stderr  # 120 words + BOS/EOS = 122 ids; 77 kept
+  assert "dropped" not in stderr and "warning" not in stderr   # 120 tokens: two chunks of 75 (tinysd/prompt.py), nothing truncated
   im = Image.open(out)
   params = im.text["parameters"]
   assert params.startswith("a red cat") and "Steps: 1, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x64" in params
@@ -116,3 +116,89 @@ def test_every_memory_switch_at_once(tmp_path, model):
   assert code == 0, stderr
   im = np.asarray(Image.open(out))
   assert im.shape == (64, 64, 3) and im.std() > 0
+
+# ---- checked before the model is read (issue 12): a model path that does not exist shows the check comes first ----
+
+@pytest.mark.parametrize("args,match", [
+  (("--guidance", "inf"), "finite"), (("--guidance", "nan"), "finite"), (("--seed", "4294967296"), "--seed must be in"),
+  (("--seed", "-2"), "--seed must be in")])
+def test_checked_before_the_model(tmp_path, args, match):
+  bad(tmp_path, *T2I, "--model", tmp_path / "never-read.safetensors", *args, match=match)
+
+def test_bad_output_paths(tmp_path):
+  fifo = tmp_path / "fifo.png"; os.mkfifo(fifo)
+  (tmp_path / "dir.png").mkdir()
+  for out, match in [(tmp_path / "no" / "x.png", f"folder '{tmp_path / 'no'}' does not exist"), (tmp_path / "dir.png", "is a folder"),
+                     (fifo, "not a regular file"), ("/proc/x.png", "cannot write '/proc/x.png'"), (tmp_path / "x.jpg", ".png path"),
+                     (f"{tmp_path / 'd.png'}/", ".png path")]:
+    code, _, stderr = tinysd(*T2I, "--model", tmp_path / "never-read.safetensors", "--output", out)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and match in stderr and ".tmp" not in stderr, stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png", "fifo.png"]   # the writability probe left nothing
+
+def test_invalid_utf8_prompt(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "tinysd.cli", *T2I[:2], b"a \xff cat", *T2I[3:], "--model", str(tmp_path / "never-read.safetensors")],
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 2 and r.stderr.strip() == r"tinysd: error: --prompt is not valid UTF-8 (undecodable byte b'\xff' at character 2)"
+
+def test_steps_above_training_timesteps(tmp_path, model):
+  bad(tmp_path, *T2I, "--model", model, "--steps", "1001", match="steps must be <= 1000, the model's training timesteps")
+
+def test_hub_failure_keeps_its_reason(tmp_path):   # conftest sets HF_HUB_OFFLINE=1
+  bad(tmp_path, *T2I, "--model", "someone/no-such-model", match="could not fetch 'someone/no-such-model' from the Hugging Face Hub (")
+  code, _, stderr = tinysd(*T2I, "--model", "someone/no-such-model")
+  assert "Error: " in stderr and "outgoing traffic has been disabled" in stderr, stderr   # huggingface_hub's own words
+
+def edited_folder(src, dst, edit):
+  # a copy of the folder whose files are symlinks to the fixture's, edit(dst) rewriting some of them
+  shutil.copytree(src, dst, copy_function=os.symlink)
+  edit(dst)
+  return dst
+
+def _rewrite(p, change):   # replace the symlink (never write through it into the module's fixture) by the changed JSON
+  d = json.loads(p.read_text()); p.unlink(); change(d); p.write_text(json.dumps(d))
+
+def test_known_holes_are_one_line(tmp_path, folder, image):
+  h = b'{"a":' + b"[" * 50000 + b"]" * 50000 + b"}"   # deeply nested JSON header (past tinygrad's recursion limit): a RecursionError traceback
+  deep = tmp_path / "deep.safetensors"; deep.write_bytes(len(h).to_bytes(8, "little") + h)
+  bad(tmp_path, *T2I, "--model", deep, match="corrupted safetensors header (not valid JSON)")
+  pad = edited_folder(folder, tmp_path / "pad", lambda d: _rewrite(d / "tokenizer" / "tokenizer_config.json", lambda j: j.update(pad_token="<|nope|>")))
+  bad(tmp_path, *T2I, "--model", pad, match="pad token '<|nope|>' is not in the vocabulary")
+  typed = edited_folder(folder, tmp_path / "typed", lambda d: _rewrite(d / "unet" / "config.json", lambda j: j.update(block_out_channels="32")))
+  bad(tmp_path, *T2I, "--model", typed, match="unet/config.json: block_out_channels must be tuple[int,...], got '32'")
+  huge = tmp_path / "huge.png"
+  chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+  huge.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b""))   # 900 MP header
+  # (PIL's DecompressionBombError was a traceback)
+  bad(tmp_path, "img2img", "--model", folder, "--prompt", "a cat", "--steps", "1", "--image", huge, match="downscale it first")
+
+# ---- outputs safe to share (issue 12): umask modes, atomic, all of a batch or nothing, Ctrl-C leaves nothing ----
+
+def test_outputs_mode_atomic_all_or_nothing(tmp_path):
+  from tinysd.cli import save_pngs
+  old = os.umask(0o022)
+  try:
+    ims, paths = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")], [tmp_path / "a.png", tmp_path / "b.png"]
+    paths[0].write_bytes(b"old"); os.chmod(paths[0], 0o600)
+    save_pngs(ims, paths, ["p0", "p1"])   # overwriting takes the umask's mode, as a new file does (mkstemp made everything 0600)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o644, 0o644] and Image.open(paths[1]).text["parameters"] == "p1"
+    os.umask(0o077)
+    save_pngs(ims[:1], [tmp_path / "c.png"], [""])
+    assert stat.S_IMODE((tmp_path / "c.png").stat().st_mode) == 0o600
+    class Fails:
+      def __init__(self, e): self.e = e
+      def save(self, *a, **k): raise self.e
+    paths[0].write_bytes(b"keep")
+    with pytest.raises(OSError, match="disk full"): save_pngs([ims[0], Fails(OSError("disk full"))], [tmp_path / "new.png", paths[0]], ["", ""])
+    with pytest.raises(KeyboardInterrupt): save_pngs([Fails(KeyboardInterrupt())], [paths[0]], [""])
+    assert not (tmp_path / "new.png").exists() and paths[0].read_bytes() == b"keep" and not list(tmp_path.glob(".*"))
+  finally: os.umask(old)
+
+def test_converted_checkpoints_follow_umask(tmp_path, model):
+  from tinysd.checkpoint import convert
+  old = os.umask(0o022)
+  try:
+    convert(model, tmp_path / "conv")   # a diffusers folder: was 0700 (mkdtemp) with 0600 files
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "conv", *(tmp_path / "conv").rglob("*")]}
+    assert modes["conv"] == modes["conv/unet"] == 0o755 and modes["conv/unet/diffusion_pytorch_model.safetensors"] == 0o644, modes
+    assert set(modes.values()) == {0o755, 0o644} and not list(tmp_path.glob(".*"))
+  finally: os.umask(old)

@@ -3,9 +3,9 @@
 # by a few ulp of max|v| (measured <= 1e-6 at these sizes). ATOL = 2e-6 with |v| <= ~4.5 (randn) is that rounding; a wrong mask tile,
 # rescale or reference is off by >= 1e-2.
 import numpy as np, pytest
-from tinygrad import Tensor, TinyJit, dtypes, GlobalCounters, function
-from tinygrad.device import Buffer
+from tinygrad import Tensor, TinyJit, dtypes, function
 from ops import tg
+from ops.tg import PeakMemory
 from ops.attention import split_attention, install
 
 ATOL, RTOL = 2e-6, 1e-5
@@ -114,14 +114,8 @@ def test_install_inside_tinyjit():
 
 def peak_bytes(fn) -> int:
   # high-water mark of tinygrad's allocations while realizing fn() (notes section e): deterministic, unlike RSS or time
-  base, orig = GlobalCounters.mem_used, Buffer.allocate
-  peak = [base]
-  def tracking(self, *a, **k):
-    r = orig(self, *a, **k); peak[0] = max(peak[0], GlobalCounters.mem_used); return r
-  Buffer.allocate = tracking
-  try: fn().realize()
-  finally: Buffer.allocate = orig
-  return peak[0] - base
+  with PeakMemory() as m: fn().realize()
+  return m.peak
 
 @function
 def attention_fn(q:Tensor, k:Tensor, v:Tensor) -> Tensor: return q.scaled_dot_product_attention(k, v)

@@ -11,7 +11,7 @@
 import copy
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes, GlobalCounters, nn
-from tinygrad.device import Buffer
+from ops.tg import PeakMemory
 from tinygrad.nn.state import get_state_dict, safe_save
 from ops import quant
 from ops.quant import (MODES, QuantWeight, QuantLinear, QuantConv2d, quantize_linear, quantize_conv, quantize_model, palettize, pack,
@@ -153,15 +153,8 @@ def test_palettize_groups():
 
 def _peak_during(fn):
   # peak of tinygrad's allocated bytes while fn runs, above what was allocated before (tinygrad-notes section e)
-  base, peak, orig = GlobalCounters.mem_used, [GlobalCounters.mem_used], Buffer.allocate
-  def tracking(self, *a, **k):
-    r = orig(self, *a, **k)
-    peak[0] = max(peak[0], GlobalCounters.mem_used)
-    return r
-  Buffer.allocate = tracking
-  try: out = fn()
-  finally: Buffer.allocate = orig
-  return out, peak[0] - base
+  with PeakMemory() as m: out = fn()
+  return out, m.peak
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("mode", list(MODES))

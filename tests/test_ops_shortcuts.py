@@ -2,11 +2,11 @@
 # change, by a bounded amount), and the memory it saves under TinyJit's planner.
 from types import SimpleNamespace
 import numpy as np, pytest
-from tinygrad import Tensor, TinyJit, GlobalCounters, dtypes
-from tinygrad.device import Buffer
+from tinygrad import Tensor, TinyJit, dtypes
 from tinysd.configs import UNetConfig
 from tinysd.models.unet import UNet2DConditionModel
-from ops.shortcuts import compress, install, compressed_nbytes, _randomize
+from ops.shortcuts import compress, install, compressed_nbytes
+from ops.tg import random_init, PeakMemory
 
 # attention-free levels (the mid block still has one, at 8x8): the memory peak is where the skips are, and few kernels to compile
 TINY = UNetConfig(block_out_channels=(32, 64), down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, layers_per_block=1,
@@ -65,7 +65,7 @@ _model:dict = {}
 def tiny_unet() -> UNet2DConditionModel:
   if not _model:
     _model["m"] = m = UNet2DConditionModel(TINY)
-    _randomize(m, np.random.default_rng(1))
+    random_init(m, np.random.default_rng(1))
   return _model["m"]
 
 def inputs() -> tuple[Tensor, Tensor, Tensor]:
@@ -126,13 +126,8 @@ def test_memory_saved():
     install(unet, mode)
     jit = TinyJit(lambda x, t, c: unet(x, t, c).realize())
     jit(x, t, c)
-    base, orig, top = GlobalCounters.mem_used, Buffer.allocate, [GlobalCounters.mem_used]
-    def tracking(self, *a, **k):
-      r = orig(self, *a, **k); top[0] = max(top[0], GlobalCounters.mem_used); return r
-    Buffer.allocate = tracking
-    try: jit(x, t, c)
-    finally: Buffer.allocate = orig
-    peak[mode] = top[0] - base
+    with PeakMemory() as m: jit(x, t, c)
+    peak[mode] = m.peak
   install(unet, None)
   full = sum(compressed_nbytes(s, dtypes.float32, None) for s in shapes)
   saved = {m: full - sum(compressed_nbytes(s, dtypes.float32, m) for s in shapes) for m in ("fp16", "int8")}

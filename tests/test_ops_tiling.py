@@ -11,7 +11,8 @@ from diffusers import AutoencoderKL as RefVAE
 from tinysd.configs import VAEConfig
 from tinysd.models.vae import AutoencoderKL
 from ops import tiling
-from ops.tiling import decode_tiled, encode_tiled, peak_memory
+from ops.tiling import decode_tiled, encode_tiled
+from ops.tg import PeakMemory
 
 TINY = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, sample_size=16)   # scale s = 2
 TILE, OV = 8, 2        # latent px: stride 6, blend 4 image px; overlap/tile = 1/4 is exact in binary, so diffusers' float sizes agree
@@ -137,10 +138,10 @@ def test_peak_memory_per_tile(pair, z, untiled, monkeypatch):
   zt = Tensor(z).realize()
   calls, decode = [], vae.decode
   monkeypatch.setattr(vae, "decode", lambda t: calls.append(t.shape) or decode(t))
-  with peak_memory() as plain: vae.decode(zt).realize()
-  with peak_memory() as tiled: decode_tiled(vae, zt, TILE, OV).realize()
+  with PeakMemory() as plain: vae.decode(zt).realize()
+  with PeakMemory() as tiled: decode_tiled(vae, zt, TILE, OV).realize()
   assert len(calls) == 1 + 5
-  assert 0 < tiled[0] < 0.5 * plain[0], (tiled[0], plain[0])
+  assert 0 < tiled.peak < 0.5 * plain.peak, (tiled.peak, plain.peak)
 
 def test_bad_sizes(pair):
   _, vae = pair

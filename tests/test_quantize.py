@@ -5,7 +5,7 @@ from fixtures import make_tiny_pipeline_folder, make_tiny_single_file
 import tinysd
 from tinygrad import dtypes
 from tinysd.checkpoint import CheckpointError, read_checkpoint
-from tinysd.quantize import convert_quantized
+from tinysd.pipeline import convert_quantized
 
 SIZE = 32   # the tiny sd1 VAE downsamples by 2: 16x16 latents
 KW = dict(steps=2, guidance_scale=7.5, width=SIZE, height=SIZE, sampler="ddim", output_type="np")

@@ -6,7 +6,7 @@ import argparse, os, platform, resource, statistics, subprocess, sys, tempfile, 
 import numpy as np
 from tinygrad import GlobalCounters, Device
 from ops.quant import MODES
-from ops.tg import kernel_timer
+from ops.tg import kernel_timer, PeakMemory
 from tinysd import configs
 
 # "tiny": an SD1-shaped model a few MB big (the test fixtures' sizes) for smoke runs of the bench itself; its figures mean nothing
@@ -35,21 +35,6 @@ def cpu_line(c:dict|None=None) -> str:
   has, lacks = [f for f, v in c["flags"].items() if v], [f for f, v in c["flags"].items() if v is False]
   return f"cpu: {c['model']}, {c['cores']} logical cores; " + (f"has {' '.join(has) or '-'}, lacks {' '.join(lacks) or '-'}" if has or lacks
                                                               else "flags unknown")
-
-class PeakMemory:
-  """Peak of tinygrad's allocated bytes (all non-DISK devices): tinygrad keeps only the current figure, so watch every allocation."""
-  def __init__(self):
-    from tinygrad.device import Buffer
-    self.Buffer, self.orig, self.peak = Buffer, Buffer.allocate, GlobalCounters.mem_used
-    def allocate(buf, *a, **k):
-      r = self.orig(buf, *a, **k)
-      self.peak = max(self.peak, GlobalCounters.mem_used)
-      return r
-    Buffer.allocate = allocate
-  def reset(self) -> float:
-    p, self.peak = self.peak, GlobalCounters.mem_used
-    return p / 2**30
-  def close(self): self.Buffer.allocate = self.orig
 
 def _status(field:str) -> float|None:
   try:
@@ -113,9 +98,10 @@ def write_weights(path:str, model:str, dtype:str, quant:str|None=None, seed:int=
   from tinygrad.nn.state import get_state_dict
   pipe = random_pipeline(MODELS[model], dtype, seed=seed, compute_dtype=dtype)   # weights as stored, not as computed
   if quant:
-    from tinysd.quantize import quantize_pipeline, quant_meta
+    from tinysd.pipeline import quantize_pipeline
+    from tinysd.quantize import quant_meta
     quantize_pipeline(pipe, quant)
-    write_quantized(*quant_meta(pipe), pipe.config, path)
+    write_quantized(*quant_meta(components(pipe)), pipe.config, path)
   else: write_single_file({n: get_state_dict(m) for n, m in components(pipe).items()}, pipe.config, path)
 
 def weights_file(model:str, dtype:str, quant:str|None, path:str|None, log=print) -> tuple[str, bool]:
@@ -139,11 +125,11 @@ def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1,
              "cpu": cpu_info(), "profile": {}}
   path, tmp = weights_file(model, dtype, quant, weights, log)
   r["file_gib"] = os.path.getsize(path) / 2**30
-  mem = PeakMemory()
+  mem = PeakMemory().__enter__()   # tinygrad's allocated bytes, per phase: reset() gives each phase's absolute peak
   r["baseline_rss_gib"] = _status("VmRSS") or float("nan")
   reset_rss_peak()
   def phase(name):
-    r["phase_rss"][name], r["phase_tg"][name] = reset_rss_peak(), mem.reset()
+    r["phase_rss"][name], r["phase_tg"][name] = reset_rss_peak(), mem.reset() / 2**30
   try:
     t0 = time.perf_counter()
     pipe = tinysd.load(path, dtype=dtype, lowmem=lowmem, compute_dtype=compute_dtype)
@@ -198,7 +184,7 @@ def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1,
     phase("vae decode")
     r["peak_rss_gib"], r["peak_tinygrad_gib"] = max(r["phase_rss"].values()), max(r["phase_tg"].values())
   finally:
-    mem.close()
+    mem.__exit__()
     if tmp:
       os.unlink(path)
       os.rmdir(os.path.dirname(path))

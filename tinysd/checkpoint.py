@@ -2,11 +2,12 @@
 # layout <-> diffusers key names, family and config detection from tensor shapes, diffusers folders, and export in both layouts.
 # The models only ever see diffusers-named state dicts (transformers' `text_model.*` for the text encoders).
 from __future__ import annotations
-import json, os, pathlib, re, tempfile, shutil
-from dataclasses import dataclass, asdict, fields, replace
+import json, os, pathlib, re, shutil
+from dataclasses import dataclass, asdict, replace
 from tinygrad import Tensor, dtypes, Device
 from tinygrad.dtype import DType
-from tinysd.configs import CLIPConfig, UNetConfig, VAEConfig, SchedulerConfig, ModelConfig, SD15, SD2, SDXL
+from tinysd.configs import CLIPConfig, UNetConfig, VAEConfig, SchedulerConfig, ModelConfig, SD15, SD2, SDXL, ConfigError, check, _pick
+from tinysd.outputs import write_files, temp_dir, commit
 
 class CheckpointError(ValueError): pass
 
@@ -193,33 +194,47 @@ def _ldm_shape(shape:tuple, op) -> tuple:
 
 # ---- config (de)serialisation, detection and inference ----
 
-def _mk(cls, d:dict):
-  names = {f.name for f in fields(cls)}
-  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
-
 def config_to_json(cfg:ModelConfig) -> str: return json.dumps(asdict(cfg), separators=(",", ":"))
 def config_from_json(s:str) -> ModelConfig:
-  d = json.loads(s)
-  return ModelConfig(d["family"], tuple(_mk(CLIPConfig, t) for t in d["text_encoders"]), _mk(UNetConfig, d["unet"]), _mk(VAEConfig, d["vae"]),
-                     _mk(SchedulerConfig, d["scheduler"]), tuple(d["pad_token_ids"]), tuple(d["clip_skip_penultimate"]))
+  """The ModelConfig config_to_json wrote (a file's tinysd_config metadata), or ConfigError: the text is the file's, not ours to trust."""
+  d = _loads(s, "tinysd_config")
+  if not isinstance(d, dict) or not isinstance(d.get("text_encoders"), list) or not all(isinstance(d.get(k), list) for k in ("pad_token_ids", "clip_skip_penultimate")):
+    raise ConfigError("tinysd_config is not a config object")
+  pads, skips = tuple(d["pad_token_ids"]), tuple(d["clip_skip_penultimate"])
+  if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 30 for x in pads) or not all(isinstance(x, bool) for x in skips):
+    raise ConfigError("tinysd_config: bad pad_token_ids or clip_skip_penultimate")
+  if not isinstance(d.get("family"), str): raise ConfigError("tinysd_config: family must be a string")
+  cfg = ModelConfig(d["family"], tuple(_pick(CLIPConfig, t) for t in d["text_encoders"]), _pick(UNetConfig, d.get("unet")), _pick(VAEConfig, d.get("vae")),
+                    _pick(SchedulerConfig, d.get("scheduler")), pads, skips)
+  return check(cfg)
+
+def _loads(s, what):
+  # json.loads on the file's text: RecursionError on deep nesting is neither ValueError nor anyone's bug but the file's
+  if not isinstance(s, (str, bytes)): raise ConfigError(f"{what} must be a JSON string")
+  try: return json.loads(s)
+  except (ValueError, RecursionError) as e: raise ConfigError(f"{what} is not valid JSON ({type(e).__name__})") from None
 
 def _json(p:pathlib.Path) -> dict:
-  try: return json.loads(p.read_text(encoding="utf-8"))
-  except (OSError, ValueError) as e: raise CheckpointError(f"{p}: cannot read config ({e})") from None
+  try: return _loads(p.read_bytes(), "config")
+  except (OSError, ConfigError) as e: raise CheckpointError(f"{p}: cannot read config ({e})") from None
+
+def _from(cls, p:pathlib.Path):
+  try: return cls.from_diffusers(_json(p))
+  except ConfigError as e: raise CheckpointError(f"{p}: {e}") from None
 
 def read_diffusers_config(folder) -> ModelConfig:
   """ModelConfig from a diffusers pipeline folder's config.json files (no weights are read)."""
   p = pathlib.Path(folder)
   if not (p/"unet"/"config.json").is_file(): raise CheckpointError(f"{p}: not a diffusers pipeline folder (no unet/config.json)")
-  unet, vae = UNetConfig.from_diffusers(_json(p/"unet"/"config.json")), VAEConfig.from_diffusers(_json(p/"vae"/"config.json"))
-  tes = tuple(CLIPConfig.from_diffusers(_json(p/d/"config.json")) for d in ("text_encoder", "text_encoder_2") if (p/d/"config.json").is_file())
+  unet, vae = _from(UNetConfig, p/"unet"/"config.json"), _from(VAEConfig, p/"vae"/"config.json")
+  tes = tuple(_from(CLIPConfig, p/d/"config.json") for d in ("text_encoder", "text_encoder_2") if (p/d/"config.json").is_file())
   if not (p/"text_encoder"/"config.json").is_file():
     raise CheckpointError(f"{p}: unsupported family: no text_encoder/config.json (SDXL refiners are not supported)")
   family = "sdxl" if len(tes) == 2 else "sd2" if tes[0].hidden_act == "gelu" else "sd1"   # OpenCLIP (SD2): exact gelu, OpenAI CLIP: quick_gelu
   tpl = TEMPLATES[family]
   sch = (p/"scheduler"/"scheduler_config.json")
   cfg = replace(tpl, text_encoders=tes, unet=unet, vae=vae,
-                scheduler=SchedulerConfig.from_diffusers(_json(sch)) if sch.is_file() else tpl.scheduler)
+                scheduler=_from(SchedulerConfig, sch) if sch.is_file() else tpl.scheduler)
   return _with_channels(cfg, unet.in_channels, p)
 
 def _with_channels(cfg:ModelConfig, in_channels:int, where) -> ModelConfig:
@@ -318,14 +333,15 @@ def _check_header(path:pathlib.Path, size:int) -> tuple[int, dict]:
   if n > size - 8: raise CheckpointError(f"{path}: truncated or corrupted safetensors file (header length {n} > file size {size})")
   with open(path, "rb") as f: f.seek(8); raw = f.read(n)
   try: header = json.loads(raw.decode("utf-8"))
-  except (UnicodeDecodeError, ValueError): raise CheckpointError(f"{path}: corrupted safetensors header (not valid JSON)") from None
+  except (ValueError, RecursionError): raise CheckpointError(f"{path}: corrupted safetensors header (not valid JSON)") from None
   if not isinstance(header, dict): raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object)")
   data = size - 8 - n
   for k, v in header.items():
     if k == "__metadata__": continue
-    ok = isinstance(v, dict) and v.get("dtype") in SAFE_DTYPES and isinstance(shp := v.get("shape"), list) and \
-         all(isinstance(x, int) and x >= 0 for x in shp) and isinstance(off := v.get("data_offsets"), list) and len(off) == 2 and \
-         all(isinstance(x, int) for x in off) and 0 <= off[0] <= off[1]
+    isint = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    ok = isinstance(v, dict) and isinstance(v.get("dtype"), str) and v["dtype"] in SAFE_DTYPES and isinstance(shp := v.get("shape"), list) and \
+         all(isint(x) and x >= 0 for x in shp) and isinstance(off := v.get("data_offsets"), list) and len(off) == 2 and \
+         all(isint(x) for x in off) and 0 <= off[0] <= off[1]
     if not ok: raise CheckpointError(f"{path}: corrupted safetensors header (bad entry for {k!r})")
     if off[1] > data: raise CheckpointError(f"{path}: truncated safetensors file ({k} needs {off[1]} data bytes, the file has {data})")
     numel = 1
@@ -439,14 +455,21 @@ def _normalise_compvis(raw:dict) -> dict:
     out[k] = v
   return out
 
-def _read_compvis(raw:dict, meta:dict, path, dtype, device, config:ModelConfig|None) -> Checkpoint:
-  raw = _normalise_compvis(raw)
-  family = detect_family(raw)
+def _compvis_config(shapes:dict[str, tuple], meta:dict, path, config:ModelConfig|None) -> tuple[ModelConfig, str]:
+  # (config, family) of a normalised CompVis file from its key names, shapes and metadata alone
+  family = detect_family(shapes)
   if config is None and "tinysd_config" in meta:
     try: config = config_from_json(meta["tinysd_config"])
-    except (ValueError, KeyError, TypeError) as e: raise CheckpointError(f"{path}: bad tinysd_config metadata ({e})") from None
-  if config is None: config = infer_config({k: tuple(v.shape) for k, v in raw.items()}, family)
+    except ConfigError as e: raise CheckpointError(f"{path}: bad tinysd_config metadata ({e})") from None
+  if config is None: config = infer_config(shapes, family)
+  try: check(config)
+  except ConfigError as e: raise CheckpointError(f"{path}: {e}") from None
   if _base(config.family) != family: raise CheckpointError(f"{path}: the config is for {config.family} but the file is a {family} checkpoint")
+  return config, family
+
+def _read_compvis(raw:dict, meta:dict, path, dtype, device, config:ModelConfig|None) -> Checkpoint:
+  raw = _normalise_compvis(raw)
+  config, family = _compvis_config({k: tuple(v.shape) for k, v in raw.items()}, meta, path, config)
   layout, shapes = compvis_layout(config), component_shapes(config)
   want = {ldm: _ldm_shape(shapes[c][k], op) for c, m in layout.items() for k, (ldm, op) in m.items()}
   unused = _sd2_unused(config)
@@ -474,15 +497,18 @@ QUANT_FORMAT = "tinysd-quant-pipeline"
 def _read_quantized(raw:dict, meta:dict, path, dtype, device, config:ModelConfig|None) -> Checkpoint:
   # keys "<component>.<diffusers name>", a quantised layer's weight as weight.q/.scale[/.outliers] or weight.idx/.lut (ops/quant.py)
   from ops.quant import QuantWeight
-  try: config, quant = config or config_from_json(meta["tinysd_config"]), json.loads(meta["tinysd.quant"])
-  except (ValueError, KeyError, TypeError) as e: raise CheckpointError(f"{path}: bad tinysd quantised-file metadata ({e})") from None
+  try:
+    config, quant = config or config_from_json(meta.get("tinysd_config")), _loads(meta.get("tinysd.quant"), "tinysd.quant")
+    if not isinstance(quant, dict) or not all(isinstance(v, dict) and all(isinstance(m, dict) for m in v.values()) for v in quant.values()):
+      raise ConfigError("tinysd.quant must map component -> layer -> metadata object")
+  except ConfigError as e: raise CheckpointError(f"{path}: bad tinysd quantised-file metadata ({e})") from None
   sds, stored = {}, {}
   for c, want in component_shapes(config).items():
     want = dict(want)
     for layer, m in quant.get(c, {}).items():
       if want.pop(f"{layer}.weight", None) != tuple(m.get("shape", ())): raise CheckpointError(f"{path}: {c}.{layer} does not fit the config")
-      try: want |= {f"{layer}.weight.{k}": shp for k, (shp, _) in QuantWeight.layout(m).items()}
-      except (KeyError, ValueError) as e: raise CheckpointError(f"{path}: bad quantisation metadata for {c}.{layer} ({e})") from None
+      try: want |= {f"{layer}.weight.{k}": tuple(shp) for k, (shp, _) in QuantWeight.layout(m).items()}
+      except (KeyError, ValueError, TypeError, IndexError) as e: raise CheckpointError(f"{path}: bad quantisation metadata for {c}.{layer} ({e})") from None
     got = {k[len(c)+1:]: v for k, v in raw.items() if k.startswith(c + ".")}
     _validate(f"{path} ({c})", {k: tuple(v.shape) for k, v in got.items()}, want)
     sds[c] = {k: _cast(t, dtype, device) if dtypes.is_float(t.dtype) else t.to(device) for k, t in got.items()}
@@ -542,8 +568,10 @@ def _read_folder(p:pathlib.Path, dtype, device, config:ModelConfig|None) -> Chec
     _validate(f"{p/c}", {k: tuple(v.shape) for k, v in raw[c].items()}, shapes[c])
     if bad := [k for k in shapes[c] if not dtypes.is_float(raw[c][k].dtype)]: raise CheckpointError(f"{p/c}: {bad[0]} is not a float tensor")
   sds = {c: {k: _cast(t, dtype, device) for k, t in sd.items()} for c, sd in raw.items()}
-  toks = [str(p/d) if (p/d).is_dir() else None for d in ("tokenizer", "tokenizer_2")[:len(cfg.text_encoders)]]
-  return Checkpoint(cfg, sds, str(p), "diffusers", {c: _stored(sd.values()) for c, sd in raw.items()}, toks)
+  return Checkpoint(cfg, sds, str(p), "diffusers", {c: _stored(sd.values()) for c, sd in raw.items()}, _tokenizer_dirs(p, cfg))
+
+def _tokenizer_dirs(p:pathlib.Path, cfg:ModelConfig) -> list[str|None]:
+  return [str(p/d) if (p/d).is_dir() else None for d in ("tokenizer", "tokenizer_2")[:len(cfg.text_encoders)]]
 
 # ---- entry point ----
 
@@ -561,6 +589,45 @@ def read_checkpoint(path, dtype="float32", config=None, device:str|None=None) ->
   if meta.get("format") == QUANT_FORMAT: return _read_quantized(raw, meta, p, dt, device, config)
   return _read_compvis(raw, meta, p, dt, device, config)
 
+def read_config(path) -> ModelConfig:
+  """The config read_checkpoint(path) uses, from the config.json files or the safetensors header alone (no tensor is built or read):
+  what the command line checks its arguments against before loading."""
+  p = pathlib.Path(path)
+  if not p.exists(): raise CheckpointError(f"{path}: no such file or directory")
+  if p.is_dir():
+    if not (p/"model_index.json").is_file() and not (p/"unet"/"config.json").is_file():
+      raise CheckpointError(f"{p}: not a checkpoint (a folder without model_index.json or unet/config.json)")
+    return read_diffusers_config(p)
+  if not p.is_file(): raise CheckpointError(f"{path}: no such file")
+  with open(p, "rb") as f: head = f.read(9)
+  if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+    raw, meta = read_tensors(p)
+    shapes = {k: tuple(v.shape) for k, v in raw.items()}
+  else:
+    _, header = _check_header(p, os.path.getsize(p))
+    meta = m if isinstance(m := header.get("__metadata__"), dict) else {}
+    shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__" and v["data_offsets"][1] > v["data_offsets"][0]}
+  if not shapes: raise CheckpointError(f"{path}: not a checkpoint (no tensors)")
+  if meta.get("format") == QUANT_FORMAT:
+    try: return config_from_json(meta.get("tinysd_config"))
+    except ConfigError as e: raise CheckpointError(f"{path}: bad tinysd quantised-file metadata ({e})") from None
+  return _compvis_config(_normalise_compvis(shapes), meta, p, None)[0]
+
+def read_tokenizers(path, config:ModelConfig) -> list:
+  """The tokenizers a diffusers folder comes with (None where the bundled CLIP vocabulary is used), checked against the text encoders
+  they feed: every id they can produce must index the token embedding, every sequence fit the position embedding."""
+  from tinysd.tokenizer import CLIPTokenizer
+  p = pathlib.Path(path)
+  dirs = _tokenizer_dirs(p, config) if p.is_dir() else [None] * len(config.text_encoders)
+  toks = [CLIPTokenizer.from_folder(d) if d is not None else None for d in dirs]
+  for d, tok, te in zip(dirs, toks, config.text_encoders):
+    if tok is None: continue
+    if (top := max(tok.encoder.values())) >= te.vocab_size:
+      raise CheckpointError(f"{d}: token id {top} does not fit the text encoder's {te.vocab_size} embeddings")
+    if tok.max_length > te.max_position_embeddings:
+      raise CheckpointError(f"{d}: model_max_length {tok.max_length} is longer than the text encoder's {te.max_position_embeddings} positions")
+  return toks
+
 # ---- export ----
 
 def _storable(t:Tensor, dtype:DType) -> Tensor:
@@ -571,8 +638,8 @@ def _storable(t:Tensor, dtype:DType) -> Tensor:
   return t.contiguous()
 
 def write_safetensors(tensors:dict[str, Tensor], path, metadata:dict[str, str]|None=None, dtype=None, batch_bytes:int=1<<28):
-  """Write tensors (lazy or not) into a safetensors file, atomically (temp file + rename), realising ~batch_bytes at a time so memory
-  stays bounded. dtype casts float tensors."""
+  """Write tensors (lazy or not) into a safetensors file, atomically (temp file + rename, tinysd/outputs.py: mode from the umask),
+  realising ~batch_bytes at a time so memory stays bounded. dtype casts float tensors."""
   path, dt = pathlib.Path(path), _dtype(dtype)
   items = sorted(tensors.items())
   out_dt = {k: dt if dt is not None and dtypes.is_float(t.dtype) else t.dtype for k, t in items}
@@ -583,22 +650,16 @@ def write_safetensors(tensors:dict[str, Tensor], path, metadata:dict[str, str]|N
     off += n
   hb = json.dumps(header, separators=(",", ":")).encode()
   hb += b" " * (-len(hb) % 8)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(len(hb).to_bytes(8, "little") + hb)
-      batch, size = [], 0
-      for i, (k, t) in enumerate(items):
-        if t.numel(): batch.append(_storable(t, out_dt[k])); size += t.numel() * out_dt[k].itemsize
-        if batch and (size >= batch_bytes or i == len(items) - 1):
-          Tensor.realize(*batch)   # one schedule per batch: a realize per tensor rescans every live tensor (quadratic in tinygrad)
-          for r in batch: f.write(r.numpy().tobytes())
-          batch, size = [], 0
-      f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  def write(f, _):
+    f.write(len(hb).to_bytes(8, "little") + hb)
+    batch, size = [], 0
+    for i, (k, t) in enumerate(items):
+      if t.numel(): batch.append(_storable(t, out_dt[k])); size += t.numel() * out_dt[k].itemsize
+      if batch and (size >= batch_bytes or i == len(items) - 1):
+        Tensor.realize(*batch)   # one schedule per batch: a realize per tensor rescans every live tensor (quadratic in tinygrad)
+        for r in batch: f.write(r.numpy().tobytes())
+        batch, size = [], 0
+  write_files([path], write)
 
 def _check_state_dicts(state_dicts:dict, cfg:ModelConfig):
   shapes = component_shapes(cfg)
@@ -660,7 +721,7 @@ def write_diffusers_folder(state_dicts:dict[str, dict[str, Tensor]], config:Mode
   if path.exists() and (not path.is_dir() or any(path.iterdir())): raise CheckpointError(f"{path}: already exists and is not an empty folder")
   _check_state_dicts(state_dicts, config)
   cfgs = diffusers_configs(config)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+  tmp = temp_dir(path)   # not mkdtemp: its 0700 would stay on the finished folder
   try:
     (tmp/"model_index.json").write_text(json.dumps(cfgs.pop("model_index"), indent=2))
     (tmp/"scheduler").mkdir(); (tmp/"scheduler"/"scheduler_config.json").write_text(json.dumps(cfgs.pop("scheduler"), indent=2))
@@ -674,7 +735,7 @@ def write_diffusers_folder(state_dicts:dict[str, dict[str, Tensor]], config:Mode
       if src is not None: shutil.copytree(src, dst)
       else: CLIPTokenizer(pad_token_id=pad).save_folder(dst)   # the bundled CLIP vocabulary
     if path.exists(): path.rmdir()
-    os.replace(tmp, path)
+    commit([(tmp, path)])
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

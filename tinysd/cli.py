@@ -1,69 +1,74 @@
 # The `tinysd` command: argument parsing, bad input -> one line on stderr + exit 2, atomic PNG writes with A1111 parameters.
 from __future__ import annotations
-import argparse, os, sys, tempfile, time
+import argparse, os, sys, time, warnings
 from pathlib import Path
+from tinysd.frontend import SAMPLER_LABELS, DEFAULT_MODEL, UsageError, a1111_parameters, resolve_model   # noqa: F401 (re-exported)
 
-SAMPLER_LABELS = {"plms": "PLMS", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpm++2m": "DPM++ 2M", "dpm++2m_karras": "DPM++ 2M Karras"}
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
-class UsageError(ValueError): pass
+SEED_MAX = 2**32 - 1   # A1111's seed range (a uint32; -1 = random, as there); image i of a batch uses seed+i
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):   # argparse prints usage + error over two lines and a traceback-free exit 2; keep it one line
     print(f"tinysd: error: {message} (see --help)", file=sys.stderr)
     raise SystemExit(2)
 
-def a1111_parameters(prompt:str, negative:str, steps:int, sampler:str, guidance:float, seed:int, width:int, height:int, model:str, **extra) -> str:
-  """The `parameters` text chunk AUTOMATIC1111 writes, which image browsers parse."""
-  head = prompt + (f"\nNegative prompt: {negative}" if negative else "")
-  fields = {"Steps": steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler), "CFG scale": guidance, "Seed": seed, "Size": f"{width}x{height}",
-            "Model": Path(str(model)).stem, **extra}
-  return head + "\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
-
-def save_png_atomic(image, path:Path, parameters:str):
+def save_pngs(images, paths:list[Path], parameters:list[str]):
+  """All PNGs or none: each written to a temp file beside its target, then all renamed into place (tinysd/outputs.py; mode from the umask)."""
   from PIL.PngImagePlugin import PngInfo
-  info = PngInfo()
-  info.add_text("parameters", parameters)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f: image.save(f, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  from tinysd.outputs import write_files
+  def write(f, i):
+    info = PngInfo()
+    info.add_text("parameters", parameters[i])
+    images[i].save(f, format="PNG", pnginfo=info)
+  write_files(paths, write)
+
+def save_png_atomic(image, path:Path, parameters:str): save_pngs([image], [Path(path)], [parameters])
 
 def output_paths(output:str, n:int) -> list[Path]:
+  """The batch's PNG paths, each checked writable now (tinysd/outputs.py check_writable), not after an hour of sampling."""
+  from tinysd.outputs import check_writable
   p = Path(output)
-  if p.suffix.lower() != ".png": raise UsageError(f"output must be a .png path, got '{output}'")
-  return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
+  if p.suffix.lower() != ".png" or output.endswith(("/", os.sep)): raise UsageError(f"output must be a .png path, got '{output}'")
+  return [check_writable(q) for q in ([p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)])]
 
-def resolve_model(model:str) -> str:
-  """A local file/folder, or a Hugging Face repo id fetched into the standard HF cache when huggingface_hub is installed."""
-  if os.path.exists(model): return model
-  looks_like_repo = model.count("/") == 1 and not model.endswith((".safetensors", ".ckpt")) and not model.startswith((".", "/", "~"))
-  if not looks_like_repo: raise UsageError(f"model path '{model}' does not exist")
-  try:
-    from huggingface_hub import snapshot_download
-  except ImportError:
-    raise UsageError(f"'{model}' is not a local path and huggingface_hub is not installed; pass --model /path/to/model.safetensors "
-                     f"(or a diffusers folder), or `pip install huggingface_hub` to download it") from None
-  patterns = ["model_index.json", "*/config.json", "*/*.json", "*/*.txt", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-              "text_encoder*/model.safetensors"]
-  try:
-    return snapshot_download(model, allow_patterns=patterns)
-  except Exception as e:
-    raise UsageError(f"could not fetch '{model}' from the Hugging Face Hub ({type(e).__name__}); pass --model with a local .safetensors file "
-                     f"or diffusers folder") from None
+def _utf8(option:str, text:str):
+  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383); they would fail in the tokenizer after the model is loaded
+  try: text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise UsageError(f"{option} is not valid UTF-8 (undecodable byte {text[e.start].encode('utf-8', 'surrogateescape')!r} at character {e.start})") from None
+
+def check_args(a) -> tuple[list[Path], int]:
+  """Every check that needs neither the model nor the image, before either is read: (output paths, seed)."""
+  _utf8("--prompt", a.prompt); _utf8("--negative-prompt", a.negative_prompt)
+  if a.seed is not None and not -1 <= a.seed <= SEED_MAX: raise UsageError(f"--seed must be in [0, {SEED_MAX}] or -1 (random), got {a.seed}")
+  if a.attention_chunk < 0: raise UsageError(f"--attention-chunk must be >= 0, got {a.attention_chunk}")
+  if a.vae_tile is not None and a.vae_tile < 0: raise UsageError(f"--vae-tile must be >= 0, got {a.vae_tile}")
+  paths = output_paths(a.output, max(a.batch, 1))
+  return paths, a.seed if a.seed is not None and a.seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
+
+def check_model(a, width:int, height:int) -> str:
+  """Resolve --model (a Hub download, if it is one) and check the arguments against its config and tokenizers, read without any weight."""
+  from tinysd.checkpoint import read_config, read_tokenizers
+  from tinysd.pipeline import check_generation_args
+  path = resolve_model(a.model)
+  cfg = read_config(path)
+  check_generation_args(width, height, *_sampling(a), a.batch, train_timesteps=cfg.scheduler.num_train_timesteps)
+  read_tokenizers(path, cfg)
+  return path
 
 def _common(p:argparse.ArgumentParser, image=False, mask=False):
   p.add_argument("--model", default=os.environ.get("TINYSD_MODEL", DEFAULT_MODEL),
                  help="single-file .safetensors, diffusers folder, or Hub repo id (default: $TINYSD_MODEL or %(default)s)")
   p.add_argument("--prompt", required=True)
   p.add_argument("--negative-prompt", default="")
-  p.add_argument("--steps", type=int, default=20)
-  p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; 1 disables CFG")
-  p.add_argument("--sampler", default="euler_a" if not image else "ddim", help="plms, ddim, euler, euler_a, dpm++2m, dpm++2m_karras")
+  turbo = "; a Turbo model (trailing timestep spacing in its scheduler config): %s"
+  p.add_argument("--steps", type=int, default=None, help="default: 20" + turbo % "1")
+  p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; <= 1 runs no CFG (the prompt alone, no negative "
+                 "prompt, as diffusers). Default: 7.5" + turbo % "0")
+  p.add_argument("--sampler", default=None, help="plms, ddim, euler, euler_a, dpm++2m, dpm++2m_karras. Default: "
+                 + ("euler_a" if not image else "ddim") + turbo % "euler_a")
+  p.set_defaults(default_sampler="euler_a" if not image else "ddim")
+  p.add_argument("--clip-skip", type=int, default=1, help="condition on the text encoder's N-th layer from the end (A1111's CLIP skip: 1 = last, "
+                 "2 = penultimate; SDXL uses the penultimate one already)")
   p.add_argument("--seed", type=int, default=None, help="default: random; image i of a batch uses seed+i")
   if not image:
     p.add_argument("--width", type=int, default=512)
@@ -87,17 +92,16 @@ def _common(p:argparse.ArgumentParser, image=False, mask=False):
 
 def cmd_txt2img(a) -> int:
   from tinysd.pipeline import check_generation_args
-  check_generation_args(a.width, a.height, a.steps, a.guidance, a.sampler, a.batch)
-  paths = output_paths(a.output, a.batch)
-  seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
-  pipe = _load(a)
+  check_generation_args(a.width, a.height, *_sampling(a), a.batch)
+  paths, seed = check_args(a)
+  pipe = _load(a, check_model(a, a.width, a.height))
+  a.steps, a.guidance, a.sampler = _sampling(a, pipe)
   t0 = time.perf_counter()
   images = pipe.txt2img(a.prompt, a.negative_prompt, steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height, seed=seed,
                         sampler=a.sampler, batch_size=a.batch, progress=True)
-  _warn_truncated(pipe)
-  for i, (im, p) in enumerate(zip(images, paths)):
-    save_png_atomic(im, p, a1111_parameters(a.prompt, a.negative_prompt, a.steps, a.sampler, a.guidance, seed + i, a.width, a.height, a.model))
-    print(f"wrote {p}")
+  save_pngs(images, paths, [a1111_parameters(a.prompt, a.negative_prompt, a.steps, a.sampler, a.guidance, seed + i, a.width, a.height, a.model,
+                                             **_clip_skip(a)) for i in range(len(paths))])
+  for p in paths: print(f"wrote {p}")
   print(f"done in {time.perf_counter()-t0:.1f} s", file=sys.stderr)
   return 0
 
@@ -105,36 +109,45 @@ def cmd_img2img(a, inpaint=False) -> int:
   from tinysd.pipeline import check_generation_args, check_strength
   from tinysd.images import load_image, inpaint_mask
   check_strength(a.strength)
+  check_generation_args(8, 8, *_sampling(a), a.batch)   # all but the size, which the image sets
+  paths, seed = check_args(a)
   init = load_image(a.image)
   h, w = init.shape[:2]
-  check_generation_args(w, h, a.steps, a.guidance, a.sampler, a.batch)
+  check_generation_args(w, h, *_sampling(a), a.batch)
   mask = inpaint_mask(a.image, a.mask, (w, h)) if inpaint else None
-  paths = output_paths(a.output, a.batch)
-  seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
-  pipe = _load(a)
+  pipe = _load(a, check_model(a, w, h))
+  a.steps, a.guidance, a.sampler = _sampling(a, pipe)
   kw = dict(negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps, guidance_scale=a.guidance, seed=seed, sampler=a.sampler,
             batch_size=a.batch, progress=True)
   images = pipe.inpaint(a.prompt, init, mask, **kw) if inpaint else pipe.img2img(a.prompt, init, **kw)
-  _warn_truncated(pipe)
-  for i, (im, p) in enumerate(zip(images, paths)):
-    extra = {"Denoising strength": a.strength} | ({"Mask": "yes"} if inpaint else {})
-    save_png_atomic(im, p, a1111_parameters(a.prompt, a.negative_prompt, a.steps, a.sampler, a.guidance, seed + i, w, h, a.model, **extra))
-    print(f"wrote {p}")
+  extra = {"Denoising strength": a.strength} | ({"Mask": "yes"} if inpaint else {}) | _clip_skip(a)
+  save_pngs(images, paths, [a1111_parameters(a.prompt, a.negative_prompt, a.steps, a.sampler, a.guidance, seed + i, w, h, a.model, **extra)
+                            for i in range(len(paths))])
+  for p in paths: print(f"wrote {p}")
   return 0
 
-def _load(a):
+def _load(a, path:str):
   import tinysd
-  if a.attention_chunk < 0: raise UsageError(f"--attention-chunk must be >= 0, got {a.attention_chunk}")
-  if a.vae_tile is not None and a.vae_tile < 0: raise UsageError(f"--vae-tile must be >= 0, got {a.vae_tile}")
-  pipe = tinysd.load(resolve_model(a.model), dtype=a.dtype, lowmem=a.lowmem, quant=a.quant, compute_dtype=a.compute_dtype)
+  if a.clip_skip < 1: raise UsageError(f"--clip-skip must be >= 1, got {a.clip_skip}")
+  pipe = tinysd.load(path, dtype=a.dtype, lowmem=a.lowmem, quant=a.quant, compute_dtype=a.compute_dtype)
   pipe.attention_chunk = a.attention_chunk or None
   pipe.compress_shortcuts = a.compress_shortcuts
+  pipe.clip_skip = a.clip_skip
   if a.vae_tile is not None: pipe.vae_tile = a.vae_tile or None
   return pipe
 
-def _warn_truncated(pipe):
-  if (n := max(pipe.last_truncated, default=0)) > 0:
-    print(f"tinysd: warning: prompt is longer than 77 tokens; {n} tokens were dropped", file=sys.stderr)
+def _sampling(a, pipe=None) -> tuple[int, float, str]:
+  """--steps, --guidance, --sampler, those not given taken from the model: 1, 0, euler_a for a Turbo model (its scheduler config has
+  diffusers' trailing timestep spacing, as SD-Turbo's and SDXL-Turbo's do), else 20, 7.5 and euler_a (ddim for img2img / inpaint).
+  Without a pipeline yet: placeholders that pass the checks, so the given values are checked before the model is loaded."""
+  turbo = pipe is None or pipe.config.scheduler.timestep_spacing == "trailing"
+  got = (a.steps, a.guidance, a.sampler)
+  out = tuple(d if v is None else v for v, d in zip(got, (1, 0.0, "euler_a") if turbo else (20, 7.5, a.default_sampler)))
+  if pipe is not None and turbo and None in got:
+    print(f"tinysd: Turbo model (trailing timestep spacing): --steps {out[0]} --guidance {out[1]:g} --sampler {out[2]}", file=sys.stderr)
+  return out
+
+def _clip_skip(a) -> dict: return {"Clip skip": a.clip_skip} if a.clip_skip > 1 else {}   # A1111 writes it only when > 1
 
 def cmd_info(a) -> int:
   from tinysd.checkpoint import read_checkpoint
@@ -145,7 +158,7 @@ def cmd_info(a) -> int:
 def cmd_convert(a) -> int:
   from tinysd.checkpoint import convert
   if a.quant:
-    from tinysd.quantize import convert_quantized
+    from tinysd.pipeline import convert_quantized
     for name, r in convert_quantized(a.src, a.dst, a.quant, dtype=a.dtype or "float16").items():
       print(f"{name}: {r['count']} layers {a.quant}, {r['bytes_before']/2**20:.0f} MiB -> {r['bytes_after_disk']/2**20:.0f} MiB")
   else: convert(a.src, a.dst, dtype=a.dtype)
@@ -167,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="write a tinysd quantised .safetensors (UNet + text encoders quantised, the rest in --dtype, default float16)")
   s.set_defaults(func=cmd_convert)
   sub.add_parser("bench", help="benchmark on random weights at real sizes (tinysd bench --help)", add_help=False)   # dispatched in main()
+  from tinysd.server import serve   # its arguments only: fastapi/uvicorn (the server extra) are imported when it runs
+  s = sub.add_parser("serve", help="HTTP server: AUTOMATIC1111's API (/sdapi/v1/...) and a web page at / (pip install 'tinysd[server]')")
+  serve.add_arguments(s); s.set_defaults(func=serve.main)
   return p
 
 def main(argv:list[str]|None=None) -> int:
@@ -175,6 +191,7 @@ def main(argv:list[str]|None=None) -> int:
     from tinysd.bench import main as bench_main
     return bench_main(argv[1:])
   args = build_parser().parse_args(argv)
+  _one_line_warnings()
   try:
     return args.func(args)
   except KeyboardInterrupt:
@@ -185,5 +202,14 @@ def main(argv:list[str]|None=None) -> int:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"tinysd: error: {msg}", file=sys.stderr)
     return 2
+
+def _one_line_warnings():
+  # tinysd's own warnings (e.g. "using the first frame") in the CLI's one-line style instead of Python's file:line two-liner
+  from tinysd.images import ImageWarning
+  show = warnings.showwarning
+  def showwarning(message, category, *rest, **kw):
+    if issubclass(category, ImageWarning): print(f"tinysd: warning: {message}", file=sys.stderr)
+    else: show(message, category, *rest, **kw)
+  warnings.showwarning = showwarning
 
 if __name__ == "__main__": sys.exit(main())

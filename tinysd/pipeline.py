@@ -5,8 +5,8 @@ import numpy as np
 from PIL import Image
 from tinygrad import Tensor, TinyJit, Device, dtypes
 from tinygrad.helpers import tqdm
-from tinysd import samplers
-from ops.tg import capture_jit, free_jit_memory
+from tinysd import prompt as prompt_syntax, samplers
+from ops.tg import capture_jit, free_jit_memory, lazy_graph, restore_lazy, free_cached_memory, placeholder_init, random_init
 from tinysd.configs import ModelConfig
 from tinysd.tokenizer import CLIPTokenizer
 from tinysd.models.clip import CLIPTextModel
@@ -19,12 +19,15 @@ MAX_SIDE = 4096   # pixels; beyond this the activations alone exceed any machine
 class InputError(ValueError):
   """Bad user input (sizes, steps, guidance, images): the CLI prints it as one line and exits 2."""
 
-def check_generation_args(width:int, height:int, steps:int, guidance_scale:float, sampler:str, batch_size:int=1):
+def check_generation_args(width:int, height:int, steps:int, guidance_scale:float, sampler:str, batch_size:int=1, train_timesteps:int|None=None):
+  """InputError for arguments no run can use; train_timesteps (the scheduler's num_train_timesteps) bounds steps, as diffusers does."""
   for name, v in (("width", width), ("height", height)):
     if v % 8 != 0 or v <= 0: raise InputError(f"{name} must be a positive multiple of 8, got {v}")
     if v > MAX_SIDE: raise InputError(f"{name} {v} is too large (max {MAX_SIDE})")
   if steps < 1: raise InputError(f"steps must be >= 1, got {steps}")
-  if not guidance_scale >= 0: raise InputError(f"guidance scale must be >= 0, got {guidance_scale}")
+  if train_timesteps is not None and steps > train_timesteps:   # more would repeat timesteps (spacing rounds them together)
+    raise InputError(f"steps must be <= {train_timesteps}, the model's training timesteps, got {steps}")
+  if not 0 <= guidance_scale < float("inf"): raise InputError(f"guidance scale must be finite and >= 0, got {guidance_scale}")
   if batch_size < 1: raise InputError(f"batch size must be >= 1, got {batch_size}")
   if sampler not in samplers.SAMPLERS: raise InputError(f"unknown sampler '{sampler}'; choose from: {', '.join(samplers.SAMPLERS)}")
 
@@ -60,7 +63,8 @@ class StableDiffusion:
       from ops import cpu
       if not cpu.bf16_available(): raise InputError("bfloat16 compute on the CPU needs AVX512-BF16 and the CPU fast path (TINYSD_KERNELS not generic)")
       self.compute_dtype, self.gemm_precision = dtypes.float32, "bf16"
-    self.last_truncated: list[int] = []   # tokens dropped per prompt by the last encode_prompt (the CLI warns about it)
+    self.clip_skip = 1   # A1111's CLIP skip: 1 = last layer, 2 = penultimate, ... (see _encoder_fn)
+    self.force_zeros_for_empty_prompt = config.family.startswith("sdxl")   # diffusers' SDXL default; load() reads model_index.json
     self._jits: dict[tuple, TinyJit] = {}
     self._sources: dict[str, list[tuple[Tensor, object]]] | None = None   # lowmem: component -> (parameter, its lazy file-read graph)
     self._quant: dict[str, str] = {}   # component -> quantisation mode(s), for quantised pipelines
@@ -81,9 +85,9 @@ class StableDiffusion:
     try:
       with precision(self.gemm_precision): yield
     finally:
-      for p, lazy in self._sources[name]: p.replace(Tensor(lazy))         # the realised buffer loses its last reference
+      for p, lazy in self._sources[name]: restore_lazy(p, lazy)           # the realised buffer loses its last reference
       self._jits = {k: v for k, v in self._jits.items() if k[0] != name}  # captured JITs hold the weight buffers too
-      if hasattr(alloc := Device[self.device].allocator, "free_cache"): alloc.free_cache()   # tinygrad keeps freed blocks for reuse
+      free_cached_memory(self.device)                                     # tinygrad keeps freed blocks for reuse
       _trim_heap()
 
   @property
@@ -97,26 +101,44 @@ class StableDiffusion:
     return self._encode(prompts)[0]
 
   def _encode(self, prompts:list[str]|str) -> tuple[Tensor, Tensor|None]:
-    """(context (B,77,D), pooled text embeds for SDXL or None)"""
+    """(context (B, 77·K, D), pooled text embeds for SDXL or None), prompts in A1111's syntax (tinysd/prompt.py): each prompt in K chunks
+    of 75 tokens (K the most any prompt needs; shorter prompts padded with empty chunks, as A1111 pads the negative prompt), every chunk
+    encoded alone, emphasis applied per chunk, outputs concatenated along the sequence; SDXL's pooled embeds come from the first chunk.
+    A prompt without syntax of at most 75 tokens is one chunk holding exactly the ids the tokenizer gives."""
     if isinstance(prompts, str): prompts = [prompts]
-    ctxs, pooled, dropped = [], None, [0]*len(prompts)
-    for i, (tok, te, penultimate) in enumerate(zip(self.tokenizers, self.text_encoders, self.config.clip_skip_penultimate)):
-      ids, drop = tok.tokenize(prompts)
-      dropped = [max(a, b) for a, b in zip(dropped, drop)]
+    layers = min(c.num_hidden_layers for c in self.config.text_encoders)
+    if not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= layers:
+      raise InputError(f"clip skip must be an integer in [1, {layers}], got {self.clip_skip}")
+    parsed = [prompt_syntax.parse(p) for p in prompts]
+    per_te = [[prompt_syntax.chunks(p, tok) for p in parsed] for tok in self.tokenizers]   # per tokenizer: SDXL's 2nd splits "!" off
+    k = max(len(c) for rows in per_te for c in rows)
+    ctxs, pooled = [], None
+    for i, (tok, te, penultimate, rows) in enumerate(zip(self.tokenizers, self.text_encoders, self.config.clip_skip_penultimate, per_te)):
+      framed = [prompt_syntax.frame(tok, ids, ws) for row in rows for ids, ws in row + [([], [])] * (k - len(row))]   # prompt-major
+      ids, weights = [f[0] for f in framed], [f[1] for f in framed]
       name = te_name(i)
-      if (jit := self._jits.get(key := (name, len(ids)))) is None: jit = self._jits[key] = capture_jit(self._encoder_fn(te, penultimate))
+      if (jit := self._jits.get(key := (name, len(ids), self.clip_skip))) is None:
+        jit = self._jits[key] = capture_jit(self._encoder_fn(te, penultimate, self.clip_skip))
       with self.resident(name): ctx, *proj = (t.clone().realize() for t in jit(Tensor(np.array(ids, dtype=np.int32), device=self.device).realize()))
-      ctxs.append(ctx)   # copies above: a replayed TinyJit writes its outputs into the same buffers every call
-      if proj: pooled = proj[0]
-    self.last_truncated = dropped
+      # copies above: a replayed TinyJit writes its outputs into the same buffers every call
+      if any(w != 1 for ws in weights for w in ws):   # no syntax, no change: not even the (exactly 1) mean ratio is applied
+        ctx = prompt_syntax.emphasis(ctx.float(), Tensor(np.array(weights, dtype=np.float32), device=self.device)).cast(ctx.dtype)
+      ctxs.append(ctx.reshape(len(prompts), k * ctx.shape[1], ctx.shape[2]))
+      if proj: pooled = proj[0].reshape(len(prompts), k, -1)[:, 0]
     ctx = ctxs[0] if len(ctxs) == 1 else Tensor.cat(*ctxs, dim=-1)
     return ctx.cast(self.compute_dtype).realize(), None if pooled is None else pooled.cast(self.compute_dtype).realize()
 
   @staticmethod
-  def _encoder_fn(te:CLIPTextModel, penultimate:bool):
+  def _encoder_fn(te:CLIPTextModel, penultimate:bool, clip_skip:int=1):
+    # clip_skip n conditions on transformers' hidden_states[-n] through the final layer norm, as A1111 does for SD1 (A1111 ignores it on
+    # SD2; tinysd applies it there too). Penultimate encoders (SDXL) already take hidden_states[-2], without the norm: n <= 2 is that,
+    # a larger n goes deeper the same way.
     def encode(ids:Tensor) -> list[Tensor]:
       out = te(ids)
-      hidden = out.penultimate_hidden_state if penultimate else out.last_hidden_state
+      if clip_skip > (2 if penultimate else 1):
+        hidden = te.hidden_state(ids, clip_skip)
+        if not penultimate: hidden = te.text_model.final_layer_norm(hidden)
+      else: hidden = out.penultimate_hidden_state if penultimate else out.last_hidden_state
       outs = [hidden] if out.text_embeds is None else [hidden, out.text_embeds]
       return [_cpu_attention(t).contiguous().realize() for t in outs]
     return encode
@@ -145,8 +167,8 @@ class StableDiffusion:
     return out
 
   def denoiser(self, ctx:Tensor, guidance_scale:float, extra:np.ndarray|None=None, text_embeds:Tensor|None=None, time_ids:Tensor|None=None):
-    """model(x, t) for the samplers: numpy in, numpy out; CFG batched as [uncond, cond] and skipped when guidance is 1."""
-    cfg = guidance_scale != 1.0
+    """model(x, t) for the samplers: numpy in, numpy out; CFG batched as [uncond, cond], and none at guidance <= 1 (see _conditioning)."""
+    cfg = guidance_scale > 1
     g = Tensor([guidance_scale], dtype=dtypes.float32, device=self.device).realize()
     ex = None if extra is None else Tensor(extra.astype(np.float32), device=self.device).realize()
     def model(x:np.ndarray, t:float) -> np.ndarray:
@@ -160,15 +182,22 @@ class StableDiffusion:
   def _conditioning(self, prompt, negative_prompt, batch_size:int, guidance_scale:float, width:int, height:int):
     prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
     negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    cfg = guidance_scale != 1.0
-    ctx, pooled = self._encode(negs + prompts if cfg else prompts)
+    # diffusers' do_classifier_free_guidance: at guidance <= 1 (0 for Turbo models) the prompt alone conditions, unguided, and the
+    # negative prompt is not used; a guidance in (0, 1) is not applied either
+    cfg = guidance_scale > 1
+    # SDXL's force_zeros_for_empty_prompt (diffusers' negative_prompt=None; A1111 on SDXL): no negative prompt = zero uncond embeddings
+    zeros = cfg and self.force_zeros_for_empty_prompt and all(n == "" for n in negs)
+    ctx, pooled = self._encode(negs + prompts if cfg and not zeros else prompts)
+    if zeros: ctx, pooled = ctx.zeros_like().cat(ctx).realize(), None if pooled is None else pooled.zeros_like().cat(pooled).realize()
     time_ids = None
     if pooled is not None:   # SDXL micro-conditioning: original size, crop top-left, target size
       time_ids = Tensor([[height, width, 0, 0, height, width]] * pooled.shape[0], dtype=dtypes.float32, device=self.device).cast(self.compute_dtype).realize()
     return prompts, ctx, pooled, time_ids
 
   def _run(self, model, x:np.ndarray, steps:int, sampler:str, seed:int, start:int=0, progress:bool=False, blend=None, ancestral_noise=None,
-           sched=None) -> np.ndarray:
+           sched=None, callback=None) -> np.ndarray:
+    """callback(step, total, latents) after every model call (step 1..total); returning False stops sampling there (the latents so far
+    are the result); an exception it raises propagates (how a server drops a job whose client went away)."""
     if ancestral_noise is None:
       rng = np.random.default_rng(seed + 1_000_003)   # ancestral noise stream, separate from x_T's
       ancestral_noise = lambda shape: rng.standard_normal(shape, dtype=np.float32)
@@ -182,6 +211,7 @@ class StableDiffusion:
         k += 1
         bar.update(1)
         if blend is not None: x = blend(k, x)
+        if callback is not None and callback(k - start, calls, x) is False: break
         try: x = gen.send(x)   # the (blended) latents go back into the sampler: its next step starts from them
         except StopIteration: break
     return x
@@ -223,15 +253,15 @@ class StableDiffusion:
     Tensor.realize(*params)
 
   def txt2img(self, prompt, negative_prompt="", steps=20, guidance_scale=7.5, width=512, height=512, seed=0, sampler="plms", batch_size=1,
-              latents=None, output_type="pil", progress=False, ancestral_noise=None):
+              latents=None, output_type="pil", progress=False, ancestral_noise=None, callback=None):
     """`latents`: unit-variance x_T (B,4,H/8,W/8) as diffusers' `latents=`; `ancestral_noise(shape)`: replaces the seeded noise of stochastic samplers."""
-    check_generation_args(width, height, steps, guidance_scale, sampler, batch_size)
+    check_generation_args(width, height, steps, guidance_scale, sampler, batch_size, train_timesteps=self.config.scheduler.num_train_timesteps)
     prompts, ctx, pooled, time_ids = self._conditioning(prompt, negative_prompt, batch_size, guidance_scale, width, height)
     shape = (self.config.unet.out_channels, height // self.vae_scale, width // self.vae_scale)
     x = np.asarray(latents, dtype=np.float32) if latents is not None else seeded_noise(seed, len(prompts), shape)
     if x.shape != (len(prompts),) + shape: raise InputError(f"latents must have shape {(len(prompts),) + shape}, got {x.shape}")
     model = self.denoiser(ctx, guidance_scale, text_embeds=pooled, time_ids=time_ids)
-    x = self._run(model, x, steps, sampler, seed, progress=progress, ancestral_noise=ancestral_noise)
+    x = self._run(model, x, steps, sampler, seed, progress=progress, ancestral_noise=ancestral_noise, callback=callback)
     return self._output(x, output_type)
 
   def _output(self, latents:np.ndarray, output_type:str):
@@ -251,27 +281,28 @@ class StableDiffusion:
       return (z.float() * self.vae.scaling_factor).numpy()
 
   def img2img(self, prompt, image, strength=0.75, negative_prompt="", steps=20, guidance_scale=7.5, sampler="ddim", seed=0, noise=None,
-              batch_size=1, output_type="pil", progress=False, ancestral_noise=None, sample_posterior=False):
+              batch_size=1, output_type="pil", progress=False, ancestral_noise=None, sample_posterior=False, callback=None):
     """diffusers' strength semantics: skip the first (1-strength) of the schedule and noise the encoded image to that level. The init image
     is encoded to the VAE posterior mean (sample_posterior=True draws from the posterior with the seed instead)."""
     return self._edit(prompt, image, None, strength, negative_prompt, steps, guidance_scale, sampler, seed, noise, batch_size, output_type,
-                      progress, ancestral_noise, sample_posterior)
+                      progress, ancestral_noise, sample_posterior, callback=callback)
 
   def inpaint(self, prompt, image, mask=None, strength=1.0, negative_prompt="", steps=20, guidance_scale=7.5, sampler="ddim", seed=0, noise=None,
-              batch_size=1, output_type="pil", progress=False, ancestral_noise=None, sample_posterior=False):
+              batch_size=1, output_type="pil", progress=False, ancestral_noise=None, sample_posterior=False, callback=None):
     """Repaint where mask is 1 (white). 9-channel inpainting UNets get [latents, mask, masked-image latents]; ordinary UNets keep the
     unmasked region by blending the noised init latents back in after every step (the CompVis/A1111 method). `mask`: PIL image, path or
     (H,W) array; None takes the image's alpha channel or its pure green pixels."""
     return self._edit(prompt, image, mask if mask is not None else image, strength, negative_prompt, steps, guidance_scale, sampler, seed, noise,
-                      batch_size, output_type, progress, ancestral_noise, sample_posterior, inpaint=True, explicit_mask=mask is not None)
+                      batch_size, output_type, progress, ancestral_noise, sample_posterior, inpaint=True, explicit_mask=mask is not None,
+                      callback=callback)
 
   def _edit(self, prompt, image, mask, strength, negative_prompt, steps, guidance_scale, sampler, seed, noise, batch_size, output_type, progress,
-            ancestral_noise, sample_posterior, inpaint=False, explicit_mask=True):
+            ancestral_noise, sample_posterior, inpaint=False, explicit_mask=True, callback=None):
     from tinysd.images import load_image, inpaint_mask
     check_strength(strength)
     init = image if isinstance(image, np.ndarray) and image.ndim == 3 and image.dtype == np.float32 else load_image(image)
     h, w = init.shape[:2]
-    check_generation_args(w, h, steps, guidance_scale, sampler, batch_size)
+    check_generation_args(w, h, steps, guidance_scale, sampler, batch_size, train_timesteps=self.config.scheduler.num_train_timesteps)
     m = inpaint_mask(image, mask if explicit_mask else None, (w, h)) if inpaint else None
     prompts, ctx, pooled, time_ids = self._conditioning(prompt, negative_prompt, batch_size, guidance_scale, w, h)
     n, s = len(prompts), self.vae_scale
@@ -300,7 +331,8 @@ class StableDiffusion:
           known = samplers.add_noise(x0, noise, sched, k) if k < len(sched.timesteps) else x0
           return (1 - m_lat) * known + m_lat * x
     model = self.denoiser(ctx, guidance_scale, extra=extra, text_embeds=pooled, time_ids=time_ids)
-    x = self._run(model, x, steps, sampler, seed, start=start, progress=progress, blend=blend, ancestral_noise=ancestral_noise, sched=sched)
+    x = self._run(model, x, steps, sampler, seed, start=start, progress=progress, blend=blend, ancestral_noise=ancestral_noise, sched=sched,
+                  callback=callback)
     return self._output(x, output_type)
 
   @property
@@ -314,22 +346,6 @@ def parse_dtype(dtype) -> "dtypes.DType":
   if not isinstance(dtype, str): return dtype
   if dtype not in DTYPES: raise InputError(f"unknown dtype '{dtype}'; choose from: {', '.join(DTYPES)}")
   return DTYPES[dtype]
-
-class _placeholder_init:
-  """tinygrad's layers build a random-init graph per weight (~40 ms of Python each, hundreds per UNet) that loading throws away:
-  while constructing, make those weights empty placeholders instead and remember them, so they can be filled or replaced."""
-  def __enter__(self):
-    self.made, self.orig = [], {n: Tensor.__dict__.get(n) for n in ("uniform", "glorot_uniform")}
-    def empty(*shape, **kw):
-      t = Tensor.empty(*(shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape), dtype=kw.get("dtype"), device=kw.get("device"))
-      self.made.append(t)
-      return t
-    Tensor.uniform = Tensor.glorot_uniform = staticmethod(empty)
-    return self
-  def __exit__(self, *exc):
-    for n, f in self.orig.items():
-      if f is None: delattr(Tensor, n)   # the originals live on a mixin base class
-      else: setattr(Tensor, n, f)
 
 def default_compute_dtype(dtype, device:str|None=None):
   """fp16/bf16 weights compute in fp32 on the CPU: tinygrad's clang kernels convert every half value on its own there (measured: a fp16
@@ -356,11 +372,11 @@ def build(config:ModelConfig, dtype="float32", device:str|None=None, tokenizers:
   """Models whose random-init weights are empty placeholders (returned too): load() or random_pipeline() fills every one before use.
   compute_dtype None: default_compute_dtype(dtype, device)."""
   toks = tokenizers or [CLIPTokenizer(pad_token_id=p) for p in config.pad_token_ids]
-  with _placeholder_init() as init:
+  with placeholder_init() as made:   # the layers' random init, thrown away by loading, made empty placeholders (ops/tg.py)
     pipe = StableDiffusion(config, toks, [CLIPTextModel(c) for c in config.text_encoders], UNet2DConditionModel(config.unet),
                            AutoencoderKL(config.vae), parse_dtype(dtype), device,
                            parse_dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(dtype, device))
-  return pipe, init.made
+  return pipe, made
 
 def components(pipe:StableDiffusion) -> dict:
   return {"unet": pipe.unet, "vae": pipe.vae, **{te_name(i): te for i, te in enumerate(pipe.text_encoders)}}
@@ -387,18 +403,22 @@ def realize_weights(params:list[Tensor], batch_bytes:int=1 << 26):
       batch, n = [], 0
 
 def random_pipeline(config:ModelConfig, dtype="float32", device:str|None=None, seed:int=0, compute_dtype=None) -> StableDiffusion:
-  """Real-size models with random weights (N(0, 1/fan_in): activations stay O(1)), for benchmarks: speed and memory do not depend on values."""
-  pipe, placeholders = build(config, dtype, device, compute_dtype=compute_dtype)
-  rng, batch, nbytes = np.random.default_rng(seed), [], 0
-  for p in placeholders:
-    fan_in = int(np.prod(p.shape[1:])) if len(p.shape) > 1 else 1
-    p.replace(Tensor(rng.standard_normal(p.shape, dtype=np.float32) * np.float32(fan_in ** -0.5 if len(p.shape) > 1 else 0.02)).cast(pipe.dtype))
-    batch.append(p); nbytes += p.nbytes()
-    if nbytes > 1 << 28: Tensor.realize(*batch); batch, nbytes = [], 0   # bounded numpy staging, not a second copy of the model
+  """Real-size models with random weights (ops/tg.py random_init), for benchmarks and demo models: speed and memory do not depend on values."""
+  pipe, _ = build(config, dtype, device, compute_dtype=compute_dtype)
+  rng = np.random.default_rng(seed)
+  for model in components(pipe).values(): random_init(model, rng, pipe.dtype)
   params = place(pipe)
   Tensor.realize(*params)
   present(params, pipe.compute_dtype)
   return pipe
+
+def _force_zeros(path, cfg:ModelConfig) -> bool:
+  # a diffusers folder's model_index.json may turn SDXL's force_zeros_for_empty_prompt off (some fine-tunes do); SD1/SD2 have no such option
+  import json, pathlib
+  idx = pathlib.Path(path) / "model_index.json"
+  if not cfg.family.startswith("sdxl") or not idx.is_file(): return cfg.family.startswith("sdxl")
+  try: return json.loads(idx.read_text(encoding="utf-8")).get("force_zeros_for_empty_prompt", True) is not False
+  except (OSError, ValueError, AttributeError): return True
 
 def load(path, dtype="float32", device:str|None=None, config=None, lowmem:bool=False, quant:str|None=None, compute_dtype=None) -> StableDiffusion:
   """A pipeline from a single-file .safetensors (CompVis/A1111 layout, or a tinysd quantised file), or a diffusers folder, in the given
@@ -413,9 +433,10 @@ def load(path, dtype="float32", device:str|None=None, config=None, lowmem:bool=F
   toks = [CLIPTokenizer.from_folder(d) if d is not None else CLIPTokenizer(pad_token_id=p)
           for d, p in zip(ck.tokenizer_dirs, ck.config.pad_token_ids)] if ck.tokenizer_dirs else None
   pipe, _ = build(ck.config, dtype, device, toks, compute_dtype)
+  pipe.force_zeros_for_empty_prompt = _force_zeros(path, ck.config)
   if ck.quant:
     from tinysd.quantize import apply_layout
-    try: apply_layout(pipe, ck.quant)
+    try: apply_layout(components(pipe), ck.quant, pipe.compute_dtype)
     except ValueError as e: raise CheckpointError(f"{path}: {e}") from None
     pipe._quant = {c: "/".join(sorted({m["mode"] for m in layers.values()})) for c, layers in ck.quant.items()}
   for name, model in components(pipe).items():
@@ -423,13 +444,31 @@ def load(path, dtype="float32", device:str|None=None, config=None, lowmem:bool=F
     except (KeyError, ValueError) as e: raise CheckpointError(f"{name}: {e}") from None
   params = place(pipe)
   if quant is not None:
-    from tinysd.quantize import quantize_pipeline
     pipe._quant = {c: quant for c in quantize_pipeline(pipe, quant)}
     params = get_parameters(components(pipe))
   if lowmem:
-    pipe._sources = {name: [(p, p.uop) for p in get_parameters(m)] for name, m in components(pipe).items()}
+    pipe._sources = {name: [(p, lazy_graph(p)) for p in get_parameters(m)] for name, m in components(pipe).items()}
     pipe.vae_tile = LOWMEM_VAE_TILE   # the untiled decode would set the memory peak; tiles change the image slightly (ops/tiling.py)
   else:
     realize_weights(params)
     present(params, pipe.compute_dtype)
   return pipe
+
+def quantize_pipeline(pipe:StableDiffusion, mode:str, group_size:int|None=None) -> dict[str, dict]:
+  """In place: the UNet's and text encoders' large layers quantised (tinysd/quantize.py); returns the per-component reports."""
+  from tinysd.quantize import quantize_models
+  reports = quantize_models(components(pipe), mode, pipe.compute_dtype, group_size)
+  pipe._jits.clear()   # captured JITs hold the float weights
+  return reports
+
+def convert_quantized(src, dst, mode:str, dtype="float16", config=None, group_size:int|None=None) -> dict[str, dict]:
+  """Float checkpoint (any layout tinysd reads) -> tinysd quantised .safetensors; float tensors stored in dtype (fp16 by default)."""
+  from tinysd.checkpoint import write_quantized, CheckpointError
+  from tinysd.quantize import check_mode, quant_meta
+  check_mode(mode)
+  if not str(dst).endswith(".safetensors"): raise CheckpointError(f"{dst}: a quantised checkpoint is one .safetensors file")
+  pipe = load(src, parse_dtype(dtype), config=config, lowmem=True)   # lowmem: every weight stays a lazy read of the source file
+  if pipe._quant: raise CheckpointError(f"{src} is already quantised")
+  reports = quantize_pipeline(pipe, mode, group_size)
+  write_quantized(*quant_meta(components(pipe)), pipe.config, dst)
+  return reports

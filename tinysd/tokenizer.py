@@ -33,17 +33,42 @@ def _clip_vocab(path) -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def _token_str(v) -> str|None: return v.get("content") if isinstance(v, dict) else v
 
+class TokenizerError(ValueError): pass
+
+def _read_json(p:pathlib.Path):
+  try: return json.loads(p.read_bytes())
+  except (OSError, ValueError, RecursionError) as e: raise TokenizerError(f"{p}: cannot read tokenizer file ({type(e).__name__})") from None
+
+def _checked(p:pathlib.Path, vocab, merges, cfg:dict) -> tuple[dict[str, int], list[tuple[str, str]], str, str, int]:
+  # the folder is the user's: every shape transformers' loader would trip over becomes one TokenizerError naming it
+  if not isinstance(vocab, dict) or not vocab or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 31
+                                                          for k, v in vocab.items()):
+    raise TokenizerError(f"{p}: the vocabulary must map token strings to ids >= 0")
+  if not isinstance(merges, list) or not all(isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in merges):
+    raise TokenizerError(f"{p}: merges must be pairs of token strings")
+  tok = {k: _token_str(cfg.get(k)) for k in ("pad_token", "unk_token")}
+  if not all(t is None or isinstance(t, str) for t in tok.values()): raise TokenizerError(f"{p}: special tokens must be strings")
+  pad, unk = tok["pad_token"] or EOS, tok["unk_token"] or EOS
+  for name, t in (("BOS", BOS), ("EOS", EOS), ("pad token", pad)):
+    if t not in vocab: raise TokenizerError(f"{p}: {name} {t!r} is not in the vocabulary")
+  max_length = cfg.get("model_max_length", 77)
+  if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length > 4096: max_length = 77  # unset in some folders: transformers' VERY_LARGE_INTEGER
+  if max_length < 2: raise TokenizerError(f"{p}: model_max_length {max_length} leaves no room for BOS and EOS")
+  return vocab, [tuple(m) for m in merges], pad, unk, max_length
+
 class CLIPTokenizer:
   def __init__(self, vocab_file=None, pad_token_id=49407, max_length=77, *, html_unescape=False):
     self._build(*_clip_vocab(VOCAB_GZ if vocab_file is None else vocab_file), pad_token_id, max_length, html_unescape)
 
-  def _build(self, vocab:dict[str, int], merges:list[tuple[str, str]], pad_token_id:int, max_length:int, html_unescape:bool=False):
+  def _build(self, vocab:dict[str, int], merges:list[tuple[str, str]], pad_token_id:int, max_length:int, html_unescape:bool=False, unk:str=EOS):
     self.encoder, self.merges = vocab, merges
     self.decoder = {i: t for t, i in vocab.items()}
     self.ranks = {m: i for i, m in enumerate(merges)}
     self.byte_encoder = bytes_to_unicode()
     self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+    if pad_token_id not in self.decoder: raise TokenizerError(f"pad token id {pad_token_id} is not in the vocabulary")
     self.bos_token_id, self.eos_token_id = vocab[BOS], vocab[EOS]
+    self.unk_token_id = vocab.get(unk, self.eos_token_id)   # transformers maps a BPE piece missing from the vocabulary to unk
     self.pad_token_id, self.max_length, self.html_unescape = pad_token_id, max_length, html_unescape
     self.cache: dict[str, list[int]] = {}
     # transformers registers BOS, EOS and the pad token as special tokens and splits them off the raw text before anything else; with
@@ -55,20 +80,25 @@ class CLIPTokenizer:
   def from_folder(cls, path, *, html_unescape=False) -> "CLIPTokenizer":
     p = pathlib.Path(path)
     if (p/"vocab.json").is_file() and (p/"merges.txt").is_file():
-      vocab = json.loads((p/"vocab.json").read_text(encoding="utf-8"))
-      merges = [tuple(l.split()) for l in (p/"merges.txt").read_text(encoding="utf-8").split("\n") if l.strip() and not l.startswith("#version")]
-    else:
-      model = json.loads((p/"tokenizer.json").read_text(encoding="utf-8"))["model"]
-      vocab = model["vocab"]
-      merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+      vocab = _read_json(p/"vocab.json")
+      try: text = (p/"merges.txt").read_text(encoding="utf-8")
+      except (OSError, ValueError) as e: raise TokenizerError(f"{p/'merges.txt'}: cannot read tokenizer file ({type(e).__name__})") from None
+      merges = [l.split() for l in text.split("\n") if l.strip() and not l.startswith("#version")]
+    elif (p/"tokenizer.json").is_file():
+      model = _read_json(p/"tokenizer.json")
+      model = model.get("model") if isinstance(model, dict) else None
+      if not isinstance(model, dict) or not isinstance(model.get("merges"), list): raise TokenizerError(f"{p/'tokenizer.json'}: not a BPE tokenizer")
+      vocab = model.get("vocab")
+      merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    else: raise TokenizerError(f"{p}: no tokenizer (vocab.json + merges.txt, or tokenizer.json)")
     cfg = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):  # special_tokens_map overrides, as in transformers
-      if (p/name).is_file(): cfg.update({k: v for k, v in json.loads((p/name).read_text(encoding="utf-8")).items() if v is not None})
-    pad = _token_str(cfg.get("pad_token")) or EOS
-    max_length = cfg.get("model_max_length", 77)
-    if not isinstance(max_length, int) or max_length > 4096: max_length = 77  # unset in some folders: transformers' VERY_LARGE_INTEGER
+      if (p/name).is_file():
+        if not isinstance(d := _read_json(p/name), dict): raise TokenizerError(f"{p/name}: not a JSON object")
+        cfg.update({k: v for k, v in d.items() if v is not None})
+    vocab, merges, pad, unk, max_length = _checked(p, vocab, merges, cfg)
     tok = cls.__new__(cls)
-    tok._build(vocab, merges, vocab[pad], max_length, html_unescape)
+    tok._build(vocab, merges, vocab[pad], max_length, html_unescape, unk)
     return tok
 
   def _bpe(self, word:str) -> list[int]:
@@ -83,12 +113,15 @@ class CLIPTokenizer:
         if i < len(parts)-1 and (parts[i], parts[i+1]) == pair: merged.append(parts[i]+parts[i+1]); i += 2
         else: merged.append(parts[i]); i += 1
       parts = merged
-    ids = [self.encoder[p] for p in parts]
+    ids = [self.encoder.get(p, self.unk_token_id) for p in parts]
     if len(self.cache) > 100_000: self.cache.clear()
     self.cache[word] = ids
     return ids
 
   def encode(self, text:str) -> list[int]:
+    try: text.encode("utf-8")
+    except UnicodeEncodeError as e:   # lone surrogates: what Python makes of invalid UTF-8 bytes in argv
+      raise TokenizerError(f"prompt is not valid UTF-8 text (undecodable byte at character {e.start})") from None
     if self.html_unescape: text = html.unescape(html.unescape(text))
     ids = [self.bos_token_id]
     for i, part in enumerate(self._special.split(text)):

@@ -70,3 +70,11 @@ class CLIPTextModel:
     eos = input_ids.argmax(-1) if self.cfg.eos_token_id == 2 else (input_ids == self.cfg.eos_token_id).int().argmax(-1)
     pooled = (Tensor.arange(input_ids.shape[-1]) == eos.unsqueeze(-1)).unsqueeze(-1).where(last, 0).sum(1, dtype=last.dtype)
     return CLIPOutput(last, prev, pooled, self.text_projection(pooled) if self.text_projection is not None else None)
+
+  def hidden_state(self, input_ids:Tensor, n:int) -> Tensor:
+    """transformers' hidden_states[-n]: the output of layer num_hidden_layers+1-n, before final_layer_norm (n = num_hidden_layers+1: the
+    embeddings). Shares its graph with __call__'s on the same ids, so asking for both runs the tower once."""
+    layers = self.text_model.encoder.layers
+    x = self.text_model.embeddings(input_ids)
+    for layer in layers[:len(layers) + 1 - n]: x = layer(x)
+    return x
