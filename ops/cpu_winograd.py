@@ -26,11 +26,15 @@ def _lin(row, terms:list[str]) -> str:
   s = " ".join(out)
   return s[2:] if s.startswith("+ ") else "(" + s + ")" if s else "0.0f"
 
+BAND_BYTES = 64 << 20   # V or M of one band at most this (UNet 64x64 at 320 channels, CFG batch: 24 MB, one band)
+
 def tiles(OH:int, OW:int) -> tuple[int, int]: return -(-OH // 4), -(-OW // 4)
 
-def input_source(B:int, C:int, H:int, W:int, P:int, OH:int, OW:int, threads:int) -> str:
-  """V[e][c][t] = (B^T d B)[e] of the 6x6 tile of channel c at tile t = (image, ty, tx), origin (4ty - P, 4tx - P); zero outside."""
-  TY, TX = tiles(OH, OW)
+def input_source(B:int, C:int, H:int, W:int, P:int, OH:int, OW:int, threads:int, ty0:int=0, TY:int|None=None) -> str:
+  """V[e][c][t] = (B^T d B)[e] of the 6x6 tile of channel c at tile t = (image, ty, tx), origin (4(ty0 + ty) - P, 4tx - P), zero outside,
+  for the band of TY tile rows from ty0 (default: all)."""
+  TY_, TX = tiles(OH, OW)
+  TY = TY_ - ty0 if TY is None else TY
   T, RW = B * TY * TX, 4 * TX + 2
   TP = TX + 1   # each padded tile row is split by phase (i % 4), so tile t's six taps 4t..4t+5 are phases 0-3 at t and 0-1 at t+1: unit-stride
   L = ["float* restrict V = (float*)@V@; const float* restrict X = (const float*)@X@;",
@@ -40,7 +44,7 @@ def input_source(B:int, C:int, H:int, W:int, P:int, OH:int, OW:int, threads:int)
        f" const int b = item / {C}, c = item % {C}; const float* restrict xc = X + (long)item * {H * W};",
        f" for (int ty = 0; ty < {TY}; ty++) {{",
        "  for (int r = 0; r < 6; r++) {",   # the tile rows with their padding, so the transform below has no bounds checks
-       f"   const int iy = 4 * ty - {P} + r;",
+       f"   const int iy = 4 * (ty + {ty0}) - {P} + r;",
        f"   float* restrict dr = &d[r][0][0]; for (int i = 0; i < {4 * TP}; i++) dr[i] = 0.0f;",
        "   if (iy < 0 || iy >= " + str(H) + ") continue;",
        f"   const float* restrict row = xc + (long)iy * {W};",
@@ -71,17 +75,19 @@ def filter_source(O:int, C:int, w_dtype:str, threads:int) -> str:
   L.append("}")
   return "\n".join(L)
 
-def output_source(B:int, O:int, OH:int, OW:int, bias:bool, threads:int) -> str:
-  """Y[b][o] = A^T M A (+ bias[o]) of every tile, cropped to OH x OW."""
-  TY, TX = tiles(OH, OW)
-  T = B * TY * TX
+def output_source(B:int, O:int, OH:int, OW:int, bias:bool, threads:int, ty0:int=0, TY:int|None=None) -> str:
+  """Y[b][o] = A^T M A (+ bias[o]) of every tile of the band of TY tile rows from ty0 (default: all): its output rows 4ty0.. cropped to
+  OH x OW, as a (B, O, rows, OW) array."""
+  TY_, TX = tiles(OH, OW)
+  TY = TY_ - ty0 if TY is None else TY
+  T, rows = B * TY * TX, min(4 * TY, OH - 4 * ty0)
   L = ["#define MIN(a, b) ((a) < (b) ? (a) : (b))",
        "float* restrict Y = (float*)@Y@; const float* restrict Mq = (const float*)@M@;",
        *(["const float* restrict bias = (const float*)@BIAS@;"] if bias else []),
        f"const int tid = {'@T@' if threads > 1 else '0'};",
        f"float w[4][6][{TX}] __attribute__((aligned(64))); float y[4][{4 * TX}] __attribute__((aligned(64)));",
        f"for (int item = tid; item < {B * O}; item += {threads}) {{",
-       f" const int b = item / {O}, o = item % {O}; float* restrict yo = Y + (long)item * {OH * OW};",
+       f" const int b = item / {O}, o = item % {O}; float* restrict yo = Y + (long)item * {rows * OW};",
        f" const float bv = {'bias[o]' if bias else '0.0f'};",
        f" for (int ty = 0; ty < {TY}; ty++) {{",
        f"  const float* restrict m = Mq + (long)o * {T} + (long)b * {TY * TX} + (long)ty * {TX};",
@@ -91,7 +97,7 @@ def output_source(B:int, O:int, OH:int, OW:int, bias:bool, threads:int) -> str:
         f"  for (int a = 0; a < 4; a++) for (int t = 0; t < {TX}; t++) {{"]   # rows: y[a][4t + c] = sum_j AT[c][j] w[a][j]
   L += [f"   y[a][4 * t + {c}] = {_lin(AT[c], [f'w[a][{j}][t]' for j in range(6)])} + bv;" for c in range(4)]
   L += ["  }",
-        f"  for (int a = 0; a < MIN(4, {OH} - 4 * ty); a++) {{",
+        f"  for (int a = 0; a < MIN(4, {rows} - 4 * ty); a++) {{",
         f"   float* restrict dst = yo + (long)(4 * ty + a) * {OW};",
         f"   for (int i = 0; i < {OW}; i++) dst[i] = y[a][i];",
         "  }", " }", "}"]
@@ -105,22 +111,29 @@ def _kernel(code:str, names:list[str], out:Tensor, ins:tuple[Tensor, ...], name:
   return tg.custom(out, ins, lambda o, *i: tg.c_kernel(code, o, i, name, ops=ops, mem=mem, threads=threads))
 
 def conv2d(x:Tensor, w:Tensor, bias:Tensor|None, P:int, w_dtype:str, threads:int, isa:str, prec:str="f32") -> Tensor:
-  """Stride-1 3x3 conv of fp32 NCHW x with W (O, C, 3, 3) (fp32 or fp16, widened), padding P, as (B, O, OH, OW) fp32."""
+  """Stride-1 3x3 conv of fp32 NCHW x with W (O, C, 3, 3) (fp32 or fp16, widened), padding P, as (B, O, OH, OW) fp32. Images whose
+  transform-domain arrays would pass BAND_BYTES run in bands of tile rows, concatenated: V and M are 36/16 = 2.25x the input and output."""
   B, C, H, W_ = x.shape
   O = w.shape[0]
   OH, OW = H + 2 * P - 2, W_ + 2 * P - 2
   TY, TX = tiles(OH, OW)
-  T = B * TY * TX
-  V = _kernel(input_source(B, C, H, W_, P, OH, OW, threads), ["V", "X"], Tensor.empty(36 * C * T, dtype=dtypes.float32, device=x.device),
-              (x,), f"wino_in_{B}x{C}x{H}x{W_}", threads, ops=36 * 2 * 12 * B * C * TY * TX)
+  bands = -(-36 * max(C, O) * B * TY * TX * 4 // BAND_BYTES)
+  nty = -(-TY // bands)
   U = _kernel(filter_source(O, C, w_dtype, threads), ["U", "W"], Tensor.empty(36 * O * C, dtype=dtypes.float32, device=x.device),
               (w,), f"wino_filter_{O}x{C}", threads, ops=O * C * (6 * 3 * 5 + 36 * 5))
-  g = cpu_gemm.Gemm(36, O, T, C, "f32", (O * C, C, 1), "f32", (C * T, T, 1), c_strides=(O * T, T), threads=threads, isa=isa, prec=prec)
-  M = cpu_gemm.run(g, U, V)
-  Y = _kernel(output_source(B, O, OH, OW, bias is not None, threads), ["Y", "M"] + (["BIAS"] if bias is not None else []),
-              Tensor.empty(B * O * OH * OW, dtype=dtypes.float32, device=x.device), (M,) + ((bias.float(),) if bias is not None else ()),
-              f"wino_out_{B}x{O}x{OH}x{OW}", threads, ops=B * O * TY * TX * (4 * 6 * 5 + 16 * 5))
-  return Y.reshape(B, O, OH, OW)
+  outs = []
+  for ty0 in range(0, TY, nty):
+    ty = min(nty, TY - ty0)
+    T, rows = B * ty * TX, min(4 * ty, OH - 4 * ty0)
+    V = _kernel(input_source(B, C, H, W_, P, OH, OW, threads, ty0, ty), ["V", "X"], Tensor.empty(36 * C * T, dtype=dtypes.float32, device=x.device),
+                (x,), f"wino_in_{B}x{C}x{H}x{W_}_{ty0}_{ty}", threads, ops=36 * 2 * 12 * C * T)
+    g = cpu_gemm.Gemm(36, O, T, C, "f32", (O * C, C, 1), "f32", (C * T, T, 1), c_strides=(O * T, T), threads=threads, isa=isa, prec=prec)
+    M = cpu_gemm.run(g, U, V)
+    Y = _kernel(output_source(B, O, OH, OW, bias is not None, threads, ty0, ty), ["Y", "M"] + (["BIAS"] if bias is not None else []),
+                Tensor.empty(B * O * rows * OW, dtype=dtypes.float32, device=x.device), (M,) + ((bias.float(),) if bias is not None else ()),
+                f"wino_out_{B}x{O}x{OH}x{OW}_{ty0}_{ty}", threads, ops=O * T * (4 * 6 * 5 + 16 * 5))
+    outs.append(Y.reshape(B, O, rows, OW))
+  return outs[0] if len(outs) == 1 else Tensor.cat(*outs, dim=2)
 
 # *** numpy meaning, for tests ***
 

@@ -84,3 +84,15 @@ def test_dispatch_rule(monkeypatch, mode, shape, wino):
   names = " ".join(str(u.arg) for u in out.uop.toposort() if "wino" in str(u.arg)[:200])
   assert ("wino_in" in names) == wino
   assert _rel(out.numpy(), direct(x, w, b, 1)) < CAP
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 23, 14, 1), (1, 8, 3, 17, 9, 0), (3, 4, 6, 12, 12, 2)])
+def test_bands(monkeypatch, shape):
+  # big images run in bands of tile rows (V/M bounded by BAND_BYTES): force several bands, including a short last one
+  B, C, O, H, W, P = shape
+  monkeypatch.setattr(cw, "BAND_BYTES", 36 * max(C, O) * B * 2 * cw.tiles(H + 2 * P - 2, W + 2 * P - 2)[1] * 4)   # 2 tile rows a band
+  x, w, b = _data(B, C, O, H, W)
+  out = cw.conv2d(Tensor(x), Tensor(w), Tensor(b), P, "f32", 2, cpu.cpu_isa())
+  bands = {str(u.arg.name) for u in out.uop.toposort() if hasattr(u.arg, "name") and str(u.arg.name).startswith("wino_out")}
+  assert len(bands) == -(-cw.tiles(H + 2 * P - 2, W + 2 * P - 2)[0] // 2) >= 2, bands
+  ref = direct(x, w, b, P)
+  assert _rel(out.numpy(), ref) < min(CAP, GROWTH * max(_rel(_direct_kernel(x, w, b, P, cpu.cpu_isa()), ref), 1e-7))
