@@ -6,7 +6,7 @@ import numpy as np
 from tinygrad import Tensor, Context
 from tinygrad.nn.state import get_state_dict
 from tinysd.configs import UNetConfig
-from ops.tg import placeholder_init
+from tinysd_ops.tg import placeholder_init
 from tinysd.models.unet import UNet2DConditionModel
 
 CFG = UNetConfig(block_out_channels=(32, 64), cross_attention_dim=32, sample_size=16,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 from __future__ import annotations
 from tinygrad import Tensor
-from ops.shortcuts import MODES, install, compressed_nbytes
-from ops.tg import placeholder_init, random_init, PeakMemory
+from tinysd_ops.shortcuts import MODES, install, compressed_nbytes
+from tinysd_ops.tg import placeholder_init, random_init, PeakMemory
 
 # python examples/shortcuts_report.py: memory saved and error added by shortcut compression (random weights throughout: memory does not depend on them, errors do a little)
 
@@ -19,7 +19,7 @@ def _memory(cfg, latent:int, batch:int, modes:tuple, attention:bool, log=print) 
   from tinygrad import TinyJit, Context
   from tinygrad.nn.state import get_parameters
   from tinysd.models.unet import UNet2DConditionModel
-  from ops.attention import install as split_attention
+  from tinysd_ops.attention import install as split_attention
   res = {}
   with Context(DEV="NULL"):
     with placeholder_init(): unet = UNet2DConditionModel(cfg)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor, GlobalCounters
 from tinysd.models.vae import AutoencoderKL
-from ops.tiling import decode_tiled
-from ops.tg import PeakMemory, allocate, placeholder_init, random_init
+from tinysd_ops.tiling import decode_tiled
+from tinysd_ops.tg import PeakMemory, allocate, placeholder_init, random_init
 
 if __name__ == "__main__":
   import sys, time

@@ -8,7 +8,7 @@ import os, sys, time
 import numpy as np
 from tinygrad import Tensor, TinyJit
 from tinygrad.helpers import Context
-from ops import cpu, cpu_winograd
+from tinysd_ops import cpu, cpu_winograd
 from tinysd.bench import cpu_line
 
 SHAPES = [("unet 64x64", 2, 320, 320, 64), ("unet 32x32", 2, 640, 640, 32), ("unet 16x16", 2, 1280, 1280, 16), ("unet 8x8", 2, 1280, 1280, 8),

@@ -7,7 +7,7 @@
 from __future__ import annotations
 import math
 from tinygrad import Tensor, dtypes
-from ops import tg
+from . import tg
 
 def _after(x:Tensor) -> Tensor:
   # An exact 0.0 that reads one element of x (|x| < 0 is False for every float, NaN and inf too). Added to the next tile's reference it makes

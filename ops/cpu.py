@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools, os, platform, weakref
 from tinygrad import Tensor, dtypes
 from tinygrad.nn import Linear, Conv2d, GroupNorm, LayerNorm
-from ops import tg, cpu_gemm, cpu_winograd, cpu_act, cpu_norm
+from . import tg, cpu_gemm, cpu_winograd, cpu_act, cpu_norm
 
 MIN_FLOPS = 1 << 20   # below this a tinygrad kernel is as good and saves a compile
 FOLD_PIXELS = 64      # convs over images of at most this many output pixels fold the batch into N (ops/cpu_gemm.py Gemm.fold)

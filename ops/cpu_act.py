@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numpy as np
 from tinygrad import Tensor, dtypes
-from ops import tg
+from . import tg
 
 KINDS = ("silu", "gelu", "quick_gelu")
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 import math, os
 from tinygrad import Tensor, dtypes
-from ops import tg
+from . import tg
 
 # per ISA: W lanes, NV vectors per query block (BQ = W*NV queries), MRS key rows per S tile, MRP value columns per PV tile, BK keys per
 # block. AVX-512 (32 zmm): S tile 6x4 = 24 accumulators + 4 Q vectors + 4 block maxima; PV tile the same. AVX2 (16 ymm): 4x3 = 12 + 3.
@@ -17,7 +17,7 @@ _CFG = {"avx512": dict(W=16, NV=4, MRS=6, MRP=6, BK=64), "avx2": dict(W=8, NV=3,
 
 def cpu_isa() -> str|None:
   """'avx512' / 'avx2' for this CPU (ops/cpu.py's run-time detection, TINYSD_ISA honoured), None on CPUs we have no kernel for."""
-  from ops.cpu import cpu_isa as detect
+  from .cpu import cpu_isa as detect
   return detect()
 
 ISA: str|None = cpu_isa()   # force "avx2" to run the 8-lane kernel on an AVX-512 machine
@@ -128,7 +128,7 @@ def attention(q:Tensor, k:Tensor, v:Tensor, is_causal:bool=False, isa:str|None=N
   if (isa:=isa or ISA) not in _CFG: raise RuntimeError(f"no C attention kernel for ISA {isa!r}")
   if threads is None: threads = THREADS
   if threads is None:
-    from ops import cpu_pool
+    from . import cpu_pool
     threads = cpu_pool.threads() or os.cpu_count() or 1
   if q.ndim == 3: return attention(q[:, None], k[:, None], v[:, None], is_causal, isa, threads)[:, 0]
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4: raise ValueError(f"expected 3-D or 4-D q, k, v, got {q.shape} {k.shape} {v.shape}")
@@ -154,7 +154,7 @@ def impl(q:Tensor, k:Tensor, v:Tensor, attn_mask:Tensor|None, is_causal:bool) ->
   """The ops/attention.py rewrite contract: attention() for what it handles, None (keep tinygrad's SDPA) otherwise: another device, a
   mask, a non-float dtype, unequal batch/head dims, a CPU without a kernel, or TINYSD_KERNELS=generic. fp16 inputs are computed in fp32
   (like split_attention) and the result is cast back to q's dtype."""
-  from ops.cpu import generic
+  from .cpu import generic
   if generic() or attn_mask is not None or ISA not in _CFG or cpu_isa() is None: return None
   if any(not isinstance(x.device, str) or x.device.split(":")[0] != "CPU" for x in (q, k, v)) or len({x.device for x in (q, k, v)}) != 1: return None
   if not tg.renders_c(q.device): return None   # DEV=CPU:X86 / CPU:LLVM: no C kernel bodies
@@ -169,10 +169,10 @@ def install(*tensors:Tensor) -> Tensor|tuple[Tensor, ...]:
   return new[0] if len(new) == 1 else tuple(new)
 
 if __name__ == "__main__":
-  # python -m ops.cpu_attention [BH L d [isa]]: GFLOP/s of this kernel vs split attention on one SD shape (a few seconds)
+  # python -m tinysd_ops.cpu_attention [BH L d [isa]]: GFLOP/s of this kernel vs split attention on one SD shape (a few seconds)
   import sys, time
   from tinygrad import TinyJit
-  from ops.attention import split_attention
+  from .attention import split_attention
   BH, L, D = (int(a) for a in sys.argv[1:4]) if len(sys.argv) > 3 else (16, 1024, 40)
   if len(sys.argv) > 4: ISA = sys.argv[4]
   n = tg.install_cpu_threads(os.cpu_count() or 1)

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor, dtypes
-from ops import tg
+from . import tg
 
 # micro-tile per ISA: (vector lanes W, rows MR, vectors per row NV). AVX-512: 8x32 = 16 zmm accumulators (2 FMA pipes x 4 cycles latency
 # need >= 8 in flight), 2 B loads + 8 broadcasts per k. AVX2 (16 ymm registers): 6x16 = 12 accumulators + 2 B vectors + 1 broadcast.

@@ -7,7 +7,7 @@
 from __future__ import annotations
 import numpy as np
 from tinygrad import Tensor, dtypes
-from ops import tg, cpu_act
+from . import tg, cpu_act
 
 def source(rows:int, n:int, G:int, inner:int|None, affine:bool, silu:bool, eps:float, threads:int) -> str:
   """Normalise `rows` contiguous rows of n values. GroupNorm: rows = B*G, n = (C/G)*H*W, inner = H*W, and value i of channel c (< C/G) of

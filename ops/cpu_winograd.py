@@ -9,7 +9,7 @@ from __future__ import annotations
 from fractions import Fraction as Fr
 import numpy as np
 from tinygrad import Tensor, dtypes
-from ops import tg, cpu_gemm
+from . import tg, cpu_gemm
 
 # interpolation points 0, 1, -1, 2, -2 and infinity
 BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]

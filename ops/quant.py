@@ -339,7 +339,7 @@ def _resolve(model, name:str):
   return o, (int(last) if isinstance(o, (list, tuple)) else last)
 
 if __name__ == "__main__":
-  # python -m ops.quant [runs]: SD1.5-sized Linear 320->1280 on 2x4096 tokens and 3x3 Conv2d 320->320 on 2x64x64, fp32 vs each mode
+  # python -m tinysd_ops.quant [runs]: SD1.5-sized Linear 320->1280 on 2x4096 tokens and 3x3 Conv2d 320->320 on 2x64x64, fp32 vs each mode
   import sys, time
   from tinygrad import nn
   runs, rng = int(sys.argv[1]) if len(sys.argv) > 1 else 5, np.random.default_rng(0)

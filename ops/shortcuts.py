@@ -12,7 +12,7 @@
 from __future__ import annotations
 import functools
 from tinygrad import Tensor, dtypes
-from ops import tg
+from . import tg
 
 MODES = ("fp16", "int8")
 F16_MAX = 65504.0

@@ -205,7 +205,7 @@ _pool: list = []   # [launcher as a ctypes function]
 def _parallel_call(self, *bufs, global_size=(1, 1, 1), local_size=(1, 1, 1), vals=(), wait=False, timeout=None):
   # tinygrad's CPUProgram.__call__ runs the core ids of a kernel one after the other on the calling thread; this hands them to the pool
   import time
-  from ops.cpu_pool import NARGS
+  from .cpu_pool import NARGS
   args = [int(b.va_addr) for b in bufs] + [0 if v is None else int(v) for v in vals]
   if self.lvp or 'core_id' not in self.runtimevars or global_size[0] <= 1 or len(args) > NARGS:
     return _orig_call[0](self, *bufs, global_size=global_size, local_size=local_size, vals=vals, wait=wait, timeout=timeout)
@@ -220,7 +220,7 @@ def install_cpu_threads(nthreads:int) -> int:
   threads instead of one after the other. Patches tinygrad's CPUProgram.__call__ (runtime/ops_cpu.py); idempotent. Returns the pool size."""
   import ctypes
   from tinygrad.runtime import ops_cpu
-  from ops import cpu_pool
+  from . import cpu_pool
   if not _pool:
     addr = cpu_pool.start(nthreads)
     _pool.append(ctypes.CFUNCTYPE(None, *([ctypes.c_uint64] * (3 + cpu_pool.NARGS)))(addr))

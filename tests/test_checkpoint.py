@@ -363,3 +363,9 @@ def test_real_size_layouts_match_diffusers(family):
   for c, sd in conv.items():
     sd = {k: v for k, v in sd.items() if not (c == "text_encoder" and family == "sd2" and k == "text_projection.weight")}
     assert {k: tuple(v.shape) for k, v in sd.items()} == shapes[c], c
+
+def test_unused_config_fields_refused_not_ignored():
+  # shift_factor (SD3/FLUX VAEs) would change every latent if honoured; tinysd has no such model, so a config that sets it is refused
+  from tinysd.configs import SD15, check, ConfigError
+  with pytest.raises(ConfigError, match="shift_factor 0.1159 is an SD3/FLUX VAE's"): check(replace(SD15, vae=replace(SD15.vae, shift_factor=0.1159)))
+  for ok in (None, 0.0): check(replace(SD15, vae=replace(SD15.vae, shift_factor=ok)))

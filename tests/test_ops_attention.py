@@ -4,9 +4,9 @@
 # rescale or reference is off by >= 1e-2.
 import numpy as np, pytest
 from tinygrad import Tensor, TinyJit, dtypes, function
-from ops import tg
-from ops.tg import PeakMemory
-from ops.attention import split_attention, install
+from tinysd_ops import tg
+from tinysd_ops.tg import PeakMemory
+from tinysd_ops.attention import split_attention, install
 
 ATOL, RTOL = 2e-6, 1e-5
 
@@ -47,7 +47,7 @@ def test_split_masks():
   am = np.where(np.arange(40) < 20, -np.inf, -1000 + np.random.randn(24, 40)).astype(np.float32)
   am = Tensor(am)
   close(split_attention(q, k, v, attn_mask=am, q_chunk=24, k_chunk=20), q.scaled_dot_product_attention(k, v, attn_mask=am))
-  with pytest.raises(RuntimeError): split_attention(q, k, v, attn_mask=am, is_causal=True)
+  with pytest.raises(RuntimeError, match="cannot set attn_mask when is_causal"): split_attention(q, k, v, attn_mask=am, is_causal=True)
 
 def test_split_half():
   # fp16 in, fp16 out. split runs the softmax in fp32 (plain SDPA runs it in fp16), so compare with the fp32 result at fp16 rounding

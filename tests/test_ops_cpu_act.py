@@ -4,7 +4,7 @@
 # 4e-7 (GELU), ~2x the measured worst case over 1e5 normals of std 4 plus the range limits; fp32 rounding of the output alone is 6e-8.
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
-from ops import cpu, cpu_act
+from tinysd_ops import cpu, cpu_act
 
 pytestmark = pytest.mark.skipif(cpu.cpu_isa() is None, reason="no x86 SIMD ISA for our kernels")
 BOUND = {"silu": 2.5e-7, "quick_gelu": 2.5e-7, "gelu": 4e-7}

@@ -5,7 +5,7 @@
 import numpy as np, pytest
 from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.nn import Linear, Conv2d
-from ops import cpu, cpu_gemm as cg, tg
+from tinysd_ops import cpu, cpu_gemm as cg, tg
 
 RTOL = 1e-5
 pytestmark = pytest.mark.skipif(cpu.cpu_isa() is None, reason="no x86 SIMD ISA for our kernels")

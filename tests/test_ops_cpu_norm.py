@@ -5,7 +5,7 @@
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes
 from tinygrad.nn import GroupNorm, LayerNorm
-from ops import cpu, cpu_norm
+from tinysd_ops import cpu, cpu_norm
 
 pytestmark = pytest.mark.skipif(cpu.cpu_isa() is None, reason="no x86 SIMD ISA for our kernels")
 TOL = 2e-6

@@ -7,7 +7,7 @@
 import os
 import numpy as np, pytest
 from tinygrad import Tensor
-from ops import cpu, cpu_gemm, cpu_winograd as cw
+from tinysd_ops import cpu, cpu_gemm, cpu_winograd as cw
 
 pytestmark = pytest.mark.skipif(cpu.cpu_isa() is None, reason="no x86 SIMD ISA for our kernels")
 GROWTH, CAP = 64, 1e-4

@@ -11,10 +11,10 @@
 import copy
 import numpy as np, pytest
 from tinygrad import Tensor, dtypes, GlobalCounters, nn
-from ops.tg import PeakMemory
+from tinysd_ops.tg import PeakMemory
 from tinygrad.nn.state import get_state_dict, safe_save
-from ops import quant
-from ops.quant import (MODES, QuantWeight, QuantLinear, QuantConv2d, quantize_linear, quantize_conv, quantize_model, palettize, pack,
+from tinysd_ops import quant
+from tinysd_ops.quant import (MODES, QuantWeight, QuantLinear, QuantConv2d, quantize_linear, quantize_conv, quantize_model, palettize, pack,
                        kmeans_1d, save, load, state_dict)
 
 def realistic(*shape, outlier_cols=()):
@@ -228,7 +228,7 @@ def test_quantize_model():
   # int8 weights: 1 byte/element of 4, + fp32 scale per channel + bias (unchanged) + outlier columns
   assert rep["bytes_before"] / 4 < rep["bytes_after"] < rep["bytes_before"] / 2.5
   assert rel(model(h, img).numpy(), ref) < 2e-2
-  with pytest.raises(ValueError): quantize_model(Model(), "int3")
+  with pytest.raises(ValueError, match="unknown mode 'int3'"): quantize_model(Model(), "int3")
 
 def test_save_load_roundtrip(tmp_path):
   # all modes in one file: each part of the model quantised in another mode (the remaining heads.a by the last call)
@@ -253,4 +253,4 @@ def test_save_load_roundtrip(tmp_path):
   assert all(v.dtype == dtypes.float16 for k, v in sd.items() if k.endswith((".scale", ".lut", ".outliers")))
   plain = str(tmp_path / "plain.safetensors")
   safe_save(get_state_dict(Model()), plain)
-  with pytest.raises(ValueError): load(Model(), plain)   # a float checkpoint is not a quantised one
+  with pytest.raises(ValueError, match="is not a tinysd quantised safetensors file"): load(Model(), plain)   # a float checkpoint is not a quantised one

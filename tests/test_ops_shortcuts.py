@@ -5,8 +5,8 @@ import numpy as np, pytest
 from tinygrad import Tensor, TinyJit, dtypes
 from tinysd.configs import UNetConfig
 from tinysd.models.unet import UNet2DConditionModel
-from ops.shortcuts import compress, install, compressed_nbytes
-from ops.tg import random_init, PeakMemory
+from tinysd_ops.shortcuts import compress, install, compressed_nbytes
+from tinysd_ops.tg import random_init, PeakMemory
 
 # attention-free levels (the mid block still has one, at 8x8): the memory peak is where the skips are, and few kernels to compile
 TINY = UNetConfig(block_out_channels=(32, 64), down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, layers_per_block=1,
@@ -55,9 +55,9 @@ def test_fp16_exact():
     assert compress(h, "fp16") is h   # already 2 bytes: nothing to do
 
 def test_bad_mode():
-  with pytest.raises(ValueError): compress(Tensor.ones(1, 1, 2, 2), "int4")
-  with pytest.raises(ValueError): install(SimpleNamespace(keep_skip=None), "bf16")
-  with pytest.raises(ValueError): compress(Tensor.ones(2, 3), "int8")   # no spatial dims to take the absmax over
+  with pytest.raises(ValueError, match="unknown shortcut compression 'int4'"): compress(Tensor.ones(1, 1, 2, 2), "int4")
+  with pytest.raises(ValueError, match="unknown shortcut compression 'bf16'"): install(SimpleNamespace(keep_skip=None), "bf16")
+  with pytest.raises(ValueError, match=r"needs a \(B, C, spatial...\) tensor"): compress(Tensor.ones(2, 3), "int8")   # no spatial dims to take the absmax over
 
 # *** the UNet hook: one tiny model and one input shape for every test below, so its kernels compile once
 
@@ -114,10 +114,21 @@ def test_down_path_untouched():
 
 # *** memory: the planner must hold the small buffer, not the full-precision skip
 
-def test_memory_saved():
+def test_memory_saved(monkeypatch):
   # The step under TinyJit as in the pipeline; the capture (2nd call) plans its arena and allocates it. Here the peak is where all the
   # skips are alive (the mid block, the start of the up path), so the saving is about the whole skip difference: demand 60% of it. If the
   # fp32 skips stayed alive next to their copies, the compressed runs would need more memory, not less.
+  # On tinygrad's own kernels: the CPU fast path's GroupNorm/SiLU kernels materialise the normalised activations, which moves this tiny
+  # UNet's peak off the point where all skips are alive (measured there: 55% of the ideal saving instead of >= 60%).
+  from tinysd_ops import cpu
+  monkeypatch.setenv("TINYSD_KERNELS", "generic")
+  cpu.uninstall()
+  try: _memory_saved()
+  finally:
+    monkeypatch.undo()
+    cpu.install()
+
+def _memory_saved():
   unet, (x, t, c), shapes = tiny_unet(), inputs(), []
   unet.keep_skip = lambda s: (shapes.append(s.shape), s)[1]
   unet(x, t, c)

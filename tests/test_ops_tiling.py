@@ -10,9 +10,9 @@ from tinygrad.nn.state import load_state_dict
 from diffusers import AutoencoderKL as RefVAE
 from tinysd.configs import VAEConfig
 from tinysd.models.vae import AutoencoderKL
-from ops import tiling
-from ops.tiling import decode_tiled, encode_tiled
-from ops.tg import PeakMemory
+from tinysd_ops import tiling
+from tinysd_ops.tiling import decode_tiled, encode_tiled
+from tinysd_ops.tg import PeakMemory
 
 TINY = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, sample_size=16)   # scale s = 2
 TILE, OV = 8, 2        # latent px: stride 6, blend 4 image px; overlap/tile = 1/4 is exact in binary, so diffusers' float sizes agree
@@ -147,5 +147,5 @@ def test_bad_sizes(pair):
   _, vae = pair
   z, x = Tensor.empty(1, 4, 16, 16), Tensor.empty(1, 3, 32, 32)
   for t, o in ((8, 8), (8, -1), (0, 0)):
-    with pytest.raises(ValueError): decode_tiled(vae, z, t, o)
-  with pytest.raises(ValueError): encode_tiled(vae, x, 16, 3)   # overlap not a multiple of the VAE scale
+    with pytest.raises(ValueError, match="need tile >= 1 and 0 <= overlap < tile"): decode_tiled(vae, z, t, o)
+  with pytest.raises(ValueError, match="must be multiples of the VAE scale"): encode_tiled(vae, x, 16, 3)   # overlap not a multiple of the VAE scale

@@ -120,7 +120,7 @@ def test_bf16_compute_error(folder, pipes):
   # --compute-dtype bfloat16 on the CPU: fp32 tensors, GEMM/conv operands rounded to bf16 (ops/cpu.py precision). Its image error against
   # diffusers fp32 is bounded by what torch's own bf16 pipeline (the model cast to bf16, as CPU users run it) gives on the same weights and
   # x_T, measured here, with a cap; and it must be an actual change (nonzero), else the mode did not switch.
-  from ops import cpu
+  from tinysd_ops import cpu
   if not cpu.enabled() or not cpu.bf16_available(): pytest.skip("no AVX512-BF16 fast path")
   ref, pipe = pipes
   lat = SIZE // pipe.vae_scale

@@ -8,7 +8,7 @@ import tinysd
 from tinysd import prompt
 from tinysd.pipeline import InputError, StableDiffusion
 from tinysd.tokenizer import CLIPTokenizer
-from ops.tg import capture_jit
+from tinysd_ops.tg import capture_jit
 
 B = prompt.BREAK
 PARSED = [   # A1111's parse_prompt_attention docstring examples and more, with the weights (floats, exactly) A1111 gives

@@ -4,12 +4,13 @@ import ast, pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGES = ("tinysd", "ops")
+PACKAGES = ("tinysd", "ops")   # folders; ops/ is the package tinysd_ops (setup.cfg package_dir, tinysd_ops.py in a checkout)
+NAMES = {"ops": "tinysd_ops"}
 # tinygrad's public surface (what its README and docs use); everything else -- tinygrad.uop, .engine, .runtime, .device, .renderer,
 # .codegen, .schedule, ... -- is internal and goes through the adapter, ops/tg.py, so a tinygrad upgrade touches one file
 PUBLIC_TINYGRAD = {"tinygrad", "tinygrad.nn", "tinygrad.nn.state", "tinygrad.dtype", "tinygrad.helpers"}
 PUBLIC_HELPERS = {"Context", "getenv", "tqdm"}   # of tinygrad.helpers; the rest of it (caches, db connections, ...) is internal
-ADAPTER = "ops.tg"
+ADAPTER = "tinysd_ops.tg"
 ORACLES = {"torch", "diffusers", "transformers", "openvino"}   # test-only references: never at run time
 
 def _files(*dirs:str) -> dict[str, pathlib.Path]:
@@ -17,6 +18,7 @@ def _files(*dirs:str) -> dict[str, pathlib.Path]:
   for d in dirs:
     for f in sorted((ROOT / d).rglob("*.py")):
       parts = f.relative_to(ROOT).with_suffix("").parts
+      parts = (NAMES.get(parts[0], parts[0]),) + parts[1:]
       out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
   return out
 
@@ -57,8 +59,8 @@ def _cycle(g:dict[str, set[str]]) -> list[str]|None:
 def test_graph_is_read():
   # guards the test itself: a parser that found nothing would pass everything below
   g = graph()
-  assert {"tinysd.pipeline", "tinysd.cli", "tinysd.models.unet", "ops.tg", "ops.attention"} <= set(g)
-  assert "tinysd.models.unet" in g["tinysd.pipeline"] and "ops.tg" in g["ops.attention"] and "tinysd.prompt" in g["tinysd.pipeline"]
+  assert {"tinysd.pipeline", "tinysd.cli", "tinysd.models.unet", "tinysd_ops.tg", "tinysd_ops.attention"} <= set(g)
+  assert "tinysd.models.unet" in g["tinysd.pipeline"] and "tinysd_ops.tg" in g["tinysd_ops.attention"] and "tinysd.prompt" in g["tinysd.pipeline"]
 
 def test_no_cycle():
   assert (c := _cycle(graph())) is None, "import cycle: " + " -> ".join(c)
@@ -70,7 +72,7 @@ def test_cycle_finder():
 def _where(p:pathlib.Path) -> str: return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
 
 def ops_importing_tinysd(g:dict[str, set[str]]) -> list[tuple[str, str]]:
-  return [(m, t) for m, ts in g.items() if m.split(".")[0] == "ops" for t in ts if t.split(".")[0] == "tinysd"]
+  return [(m, t) for m, ts in g.items() if m.split(".")[0] == "tinysd_ops" for t in ts if t.split(".")[0] == "tinysd"]
 
 def tinygrad_internals(files:dict[str, pathlib.Path]) -> list[str]:
   bad = []
@@ -126,12 +128,23 @@ def test_rules_bite(tmp_path):
   f.write_text("from __future__ import annotations\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING: from tinysd.models import vae\n"
                "def f(t):\n  from tinysd.pipeline import load\n  from tinygrad.engine.realize import run_schedule\n"
                "  from tinygrad.helpers import DEBUG, Context\n  import torch\n  return t.uop\n")
-  files = {"ops.bad": f}
-  assert [n for n, _, _ in _imports("ops.bad", f)] == ["__future__", "typing", "tinysd.models", "tinysd.pipeline", "tinygrad.engine.realize",
+  files = {"tinysd_ops.bad": f}
+  assert [n for n, _, _ in _imports("tinysd_ops.bad", f)] == ["__future__", "typing", "tinysd.models", "tinysd.pipeline", "tinygrad.engine.realize",
                                                       "tinygrad.helpers", "torch"]
-  g = {**graph(), "ops.bad": {t for name, names, _ in _imports("ops.bad", f) for t in _internal(name, names)}}
-  assert sorted(ops_importing_tinysd(g)) == [("ops.bad", "tinysd.models.vae"), ("ops.bad", "tinysd.pipeline")]
+  g = {**graph(), "tinysd_ops.bad": {t for name, names, _ in _imports("tinysd_ops.bad", f) for t in _internal(name, names)}}
+  assert sorted(ops_importing_tinysd(g)) == [("tinysd_ops.bad", "tinysd.models.vae"), ("tinysd_ops.bad", "tinysd.pipeline")]
   assert [b.split()[1] for b in tinygrad_internals(files)] == ["tinygrad.engine.realize", "tinygrad.helpers"]
   assert "DEBUG" in tinygrad_internals(files)[1] and "Context" not in tinygrad_internals(files)[1]
   assert oracle_imports(files) == ["bad.py:8 torch"] and attribute_uses(files, JUGGLING) == ["bad.py:9 .uop"]
-  assert _cycle({**g, "tinysd.pipeline": g["tinysd.pipeline"] | {"ops.bad"}}) is not None
+  assert _cycle({**g, "tinysd.pipeline": g["tinysd.pipeline"] | {"tinysd_ops.bad"}}) is not None
+
+def test_no_top_level_ops_and_every_package_installed():
+  # PyPI's `ops` would collide with a top-level ops: nothing imports it by that name, and setup.cfg installs every package folder we have
+  import configparser
+  bad = [f"{_where(p)}:{line} {name}" for where in ("tinysd", "ops", "examples", "tests") for m, p in _files(where).items()
+         for name, _, line in _imports(m, p) if name.split(".")[0] == "ops"]
+  assert not bad, "import ops (installs as tinysd_ops):\n" + "\n".join(bad)
+  cfg = configparser.ConfigParser(); cfg.read(ROOT / "setup.cfg")
+  listed = set(cfg["options"]["packages"].replace(",", " ").split())
+  folders = {m for m, p in MODULES.items() if p.name == "__init__.py"}
+  assert listed == folders and "tinysd_ops = ops" in cfg["options"]["package_dir"], (listed, folders)

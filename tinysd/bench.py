@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse, os, platform, resource, statistics, subprocess, sys, tempfile, time
 import numpy as np
 from tinygrad import GlobalCounters, Device
-from ops.quant import MODES
-from ops.tg import kernel_timer, PeakMemory
+from tinysd_ops.quant import MODES
+from tinysd_ops.tg import kernel_timer, PeakMemory
 from tinysd import configs
 
 # "tiny": an SD1-shaped model a few MB big (the test fixtures' sizes) for smoke runs of the bench itself; its figures mean nothing
@@ -23,7 +23,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512fp16", "amx_bf16", "amx_ti
 def cpu_info() -> dict:
   """{"model": name, "cores": logical cores, "flags": {flag: bool}} for CPU_FLAGS, from the first processor in /proc/cpuinfo (Linux).
   Elsewhere the platform's processor name, and flags None (unknown). The family/model numbers tell apart CPUs sold under one name."""
-  from ops.cpu import cpuinfo
+  from tinysd_ops.cpu import cpuinfo
   info = cpuinfo()
   model = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
   if "cpu family" in info: model += f" ({info.get('vendor_id', '?')} family {info['cpu family']} model {info.get('model', '?')})"
@@ -33,8 +33,9 @@ def cpu_info() -> dict:
 def cpu_line(c:dict|None=None) -> str:
   c = c or cpu_info()
   has, lacks = [f for f, v in c["flags"].items() if v], [f for f, v in c["flags"].items() if v is False]
+  load = f"; load average {os.getloadavg()[0]:.1f} (other work on the cores skews every figure)" if hasattr(os, "getloadavg") else ""
   return f"cpu: {c['model']}, {c['cores']} logical cores; " + (f"has {' '.join(has) or '-'}, lacks {' '.join(lacks) or '-'}" if has or lacks
-                                                              else "flags unknown")
+                                                              else "flags unknown") + load
 
 def _status(field:str) -> float|None:
   try:
@@ -135,7 +136,7 @@ def run(model="sd15", size=512, steps=2, dtype="float32", guidance=7.5, batch=1,
     pipe = tinysd.load(path, dtype=dtype, lowmem=lowmem, compute_dtype=compute_dtype)
     r["load_s"] = time.perf_counter() - t0
     r["compute_dtype"] = pipe.compute_dtype.name
-    from ops import cpu
+    from tinysd_ops import cpu
     r["kernels"] = dict(cpu._state) if cpu.enabled() and str(pipe.device).split(":")[0] == "CPU" else {}
     r["gemm_precision"] = pipe.gemm_precision
     pipe.attention_chunk = attention_chunk or None

@@ -496,7 +496,7 @@ QUANT_FORMAT = "tinysd-quant-pipeline"
 
 def _read_quantized(raw:dict, meta:dict, path, dtype, device, config:ModelConfig|None) -> Checkpoint:
   # keys "<component>.<diffusers name>", a quantised layer's weight as weight.q/.scale[/.outliers] or weight.idx/.lut (ops/quant.py)
-  from ops.quant import QuantWeight
+  from tinysd_ops.quant import QuantWeight
   try:
     config, quant = config or config_from_json(meta.get("tinysd_config")), _loads(meta.get("tinysd.quant"), "tinysd.quant")
     if not isinstance(quant, dict) or not all(isinstance(v, dict) and all(isinstance(m, dict) for m in v.values()) for v in quant.values()):
@@ -714,8 +714,10 @@ def diffusers_configs(cfg:ModelConfig) -> dict[str, dict]:
   else: idx |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
   return out | {"model_index": idx}
 
-def write_diffusers_folder(state_dicts:dict[str, dict[str, Tensor]], config:ModelConfig, path, dtype=None, tokenizer_dirs=None):
-  """Write a diffusers pipeline folder (what from_pretrained reads). The folder must not exist yet; it appears only when complete."""
+def write_diffusers_folder(state_dicts:dict[str, dict[str, Tensor]], config:ModelConfig, path, dtype=None, tokenizer_dirs=None,
+                           index:dict|None=None, readme:str|None=None):
+  """Write a diffusers pipeline folder (what from_pretrained reads). The folder must not exist yet; it appears only when complete.
+  index: extra model_index.json entries (diffusers ignores keys starting with "_"); readme: a README.md for the folder."""
   from tinysd.tokenizer import CLIPTokenizer
   path = pathlib.Path(path)
   if path.exists() and (not path.is_dir() or any(path.iterdir())): raise CheckpointError(f"{path}: already exists and is not an empty folder")
@@ -723,7 +725,8 @@ def write_diffusers_folder(state_dicts:dict[str, dict[str, Tensor]], config:Mode
   cfgs = diffusers_configs(config)
   tmp = temp_dir(path)   # not mkdtemp: its 0700 would stay on the finished folder
   try:
-    (tmp/"model_index.json").write_text(json.dumps(cfgs.pop("model_index"), indent=2))
+    (tmp/"model_index.json").write_text(json.dumps(cfgs.pop("model_index") | (index or {}), indent=2))
+    if readme is not None: (tmp/"README.md").write_text(readme, encoding="utf-8")
     (tmp/"scheduler").mkdir(); (tmp/"scheduler"/"scheduler_config.json").write_text(json.dumps(cfgs.pop("scheduler"), indent=2))
     for c, cj in cfgs.items():
       (tmp/c).mkdir()

@@ -1,6 +1,6 @@
 # The `tinysd` command: argument parsing, bad input -> one line on stderr + exit 2, atomic PNG writes with A1111 parameters.
 from __future__ import annotations
-import argparse, os, sys, time, warnings
+import argparse, json, os, sys, time, warnings
 from pathlib import Path
 from tinysd.frontend import SAMPLER_LABELS, DEFAULT_MODEL, UsageError, a1111_parameters, resolve_model   # noqa: F401 (re-exported)
 
@@ -100,7 +100,7 @@ def cmd_txt2img(a) -> int:
   images = pipe.txt2img(a.prompt, a.negative_prompt, steps=a.steps, guidance_scale=a.guidance, width=a.width, height=a.height, seed=seed,
                         sampler=a.sampler, batch_size=a.batch, progress=True)
   save_pngs(images, paths, [a1111_parameters(a.prompt, a.negative_prompt, a.steps, a.sampler, a.guidance, seed + i, a.width, a.height, a.model,
-                                             **_clip_skip(a)) for i in range(len(paths))])
+                                             **_clip_skip(a), **_demo(a.model)) for i in range(len(paths))])
   for p in paths: print(f"wrote {p}")
   print(f"done in {time.perf_counter()-t0:.1f} s", file=sys.stderr)
   return 0
@@ -120,7 +120,7 @@ def cmd_img2img(a, inpaint=False) -> int:
   kw = dict(negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps, guidance_scale=a.guidance, seed=seed, sampler=a.sampler,
             batch_size=a.batch, progress=True)
   images = pipe.inpaint(a.prompt, init, mask, **kw) if inpaint else pipe.img2img(a.prompt, init, **kw)
-  extra = {"Denoising strength": a.strength} | ({"Mask": "yes"} if inpaint else {}) | _clip_skip(a)
+  extra = {"Denoising strength": a.strength} | ({"Mask": "yes"} if inpaint else {}) | _clip_skip(a) | _demo(a.model)
   save_pngs(images, paths, [a1111_parameters(a.prompt, a.negative_prompt, a.steps, a.sampler, a.guidance, seed + i, w, h, a.model, **extra)
                             for i in range(len(paths))])
   for p in paths: print(f"wrote {p}")
@@ -148,6 +148,31 @@ def _sampling(a, pipe=None) -> tuple[int, float, str]:
   return out
 
 def _clip_skip(a) -> dict: return {"Clip skip": a.clip_skip} if a.clip_skip > 1 else {}   # A1111 writes it only when > 1
+
+DEMO_NOTE = "random weights (tinysd demo-model): every image it makes is noise"
+
+def _demo(model:str) -> dict:
+  # a demo model's PNGs say so in their parameters, so noise is never mistaken for a broken install
+  try: return {"Note": f"demo model, {DEMO_NOTE}"} if "_tinysd_demo" in json.loads((Path(model) / "model_index.json").read_text()) else {}
+  except (OSError, ValueError, TypeError): return {}
+
+def cmd_demo_model(a) -> int:
+  """A diffusers folder holding configs.DEMO with random weights, labelled as noise in model_index.json, a README and its PNGs."""
+  from tinysd.configs import DEMO
+  from tinysd.checkpoint import write_diffusers_folder, CheckpointError
+  from tinysd.pipeline import random_pipeline, components
+  from tinygrad.nn.state import get_state_dict
+  out = Path(a.out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())): raise CheckpointError(f"{out}: already exists and is not an empty folder")
+  if not out.parent.is_dir(): raise UsageError(f"{out.parent}: no such folder")
+  pipe = random_pipeline(DEMO, seed=a.seed)
+  write_diffusers_folder({n: get_state_dict(m) for n, m in components(pipe).items()}, DEMO, out, dtype="float16",
+                         index={"_tinysd_demo": DEMO_NOTE}, readme=f"# tinysd demo model\n\nSD1-shaped, {DEMO_NOTE}. Made by `tinysd "
+                         f"demo-model` to try the command line without a download, e.g.\n\n    tinysd txt2img --model {out} --prompt hello "
+                         "--width 128 --height 128 --steps 4 --output noise.png\n")
+  print(f"wrote {out}: a demo model with random weights (its images are noise); try: tinysd txt2img --model {out} --prompt hello --width 128 "
+        "--height 128 --steps 4 --output noise.png")
+  return 0
 
 def cmd_info(a) -> int:
   from tinysd.checkpoint import read_checkpoint
@@ -179,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--quant", default=None, choices=["int8", "pal8", "pal6", "pal4"],
                  help="write a tinysd quantised .safetensors (UNet + text encoders quantised, the rest in --dtype, default float16)")
   s.set_defaults(func=cmd_convert)
+  s = sub.add_parser("demo-model", help="write a tiny random-weight model (its images are noise) to try the command line without a download")
+  s.add_argument("out", help="a new (or empty) folder"); s.add_argument("--seed", type=int, default=0); s.set_defaults(func=cmd_demo_model)
   sub.add_parser("bench", help="benchmark on random weights at real sizes (tinysd bench --help)", add_help=False)   # dispatched in main()
   from tinysd.server import serve   # its arguments only: fastapi/uvicorn (the server extra) are imported when it runs
   s = sub.add_parser("serve", help="HTTP server: AUTOMATIC1111's API (/sdapi/v1/...) and a web page at / (pip install 'tinysd[server]')")

@@ -70,7 +70,8 @@ class UNetConfig:
   num_attention_heads: int | tuple[int, ...] | None = None
   cross_attention_dim: int = 768
   use_linear_projection: bool = False
-  upcast_attention: bool = False
+  upcast_attention: bool = False         # not used yet (SD2.1-768 sets it): attention runs fp32 on the CPU, and in fp32 inside split attention
+                                         # (tiles of > 1024 tokens); an fp16 GPU run of a smaller attention computes it in fp16 -- see README
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   flip_sin_to_cos: bool = True
@@ -97,11 +98,11 @@ class VAEConfig:
   layers_per_block: int = 2
   norm_num_groups: int = 32
   scaling_factor: float = 0.18215
-  shift_factor: float | None = None
+  shift_factor: float | None = None      # SD3/FLUX VAEs only: refused by check() (tinysd has no such models), not silently ignored
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
-  force_upcast: bool = True              # SD1/SD2/SDXL VAEs overflow in fp16 on real images
+  force_upcast: bool = True              # not used: tinysd decodes in the VAE's dtype and redoes a non-finite decode in fp32 (pipeline.decode)
   sample_size: int | tuple[int, ...] = 512
   @staticmethod
   def from_diffusers(d:dict) -> VAEConfig: return check(_pick(VAEConfig, d))
@@ -141,6 +142,12 @@ SDXL = ModelConfig("sdxl", (CLIPConfig(), CLIPConfig(hidden_size=1280, intermedi
                               attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
                               addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=128),
                    VAEConfig(scaling_factor=0.13025, sample_size=1024), pad_token_ids=(49407, 0), clip_skip_penultimate=(True, True))
+# `tinysd demo-model`: SD1-shaped (the same blocks, the 8x VAE, the bundled CLIP vocabulary) but 5.8M parameters (3.2M of them token
+# embeddings), given random weights, for trying the command line without a download. Its images are noise.
+DEMO = ModelConfig("sd1", (CLIPConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),),
+                   UNetConfig(block_out_channels=(32, 64, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",)*2 + ("DownBlock2D",),
+                              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",)*2, attention_head_dim=2, cross_attention_dim=64, sample_size=32),
+                   VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, sample_size=256))
 
 def check(c):
   """c itself, or ConfigError when its fields do not fit together or name something tinysd/models and tinysd/samplers do not have."""
@@ -164,6 +171,7 @@ def check(c):
     _require(all(ch % c.norm_num_groups == 0 for ch in c.block_out_channels),
              f"block_out_channels {c.block_out_channels} must be divisible by norm_num_groups {c.norm_num_groups}")
     _require(c.scaling_factor != 0, "scaling_factor must not be 0")
+    _require(not c.shift_factor, f"shift_factor {c.shift_factor} is an SD3/FLUX VAE's; tinysd runs SD1/SD2/SDXL VAEs only")
   elif isinstance(c, SchedulerConfig):
     # what tinysd/samplers.py implements, so a bad scheduler_config.json fails before the weights are read, not at the first step
     _require(c.beta_schedule in ("linear", "scaled_linear"), f"unsupported beta_schedule {c.beta_schedule!r}; tinysd has linear, scaled_linear")

@@ -6,7 +6,7 @@ from PIL import Image
 from tinygrad import Tensor, TinyJit, Device, dtypes
 from tinygrad.helpers import tqdm
 from tinysd import prompt as prompt_syntax, samplers
-from ops.tg import capture_jit, free_jit_memory, lazy_graph, restore_lazy, free_cached_memory, placeholder_init, random_init
+from tinysd_ops.tg import capture_jit, free_jit_memory, lazy_graph, restore_lazy, free_cached_memory, placeholder_init, random_init
 from tinysd.configs import ModelConfig
 from tinysd.tokenizer import CLIPTokenizer
 from tinysd.models.clip import CLIPTextModel
@@ -60,7 +60,7 @@ class StableDiffusion:
     if self.compute_dtype == dtypes.bfloat16 and self.device.split(":")[0] == "CPU":
       # tinygrad cannot compute in bf16 on the CPU (clang 14 has no __bf16 on x86): bf16 compute there means fp32 tensors whose GEMMs
       # and convs run on AVX512-BF16 products
-      from ops import cpu
+      from tinysd_ops import cpu
       if not cpu.bf16_available(): raise InputError("bfloat16 compute on the CPU needs AVX512-BF16 and the CPU fast path (TINYSD_KERNELS not generic)")
       self.compute_dtype, self.gemm_precision = dtypes.float32, "bf16"
     self.clip_skip = 1   # A1111's CLIP skip: 1 = last layer, 2 = penultimate, ... (see _encoder_fn)
@@ -76,7 +76,7 @@ class StableDiffusion:
   def resident(self, name:str):
     """Just-in-time residency (Apple's reduceMemory): in lowmem mode a model's weights are read from the memory-mapped checkpoint right
     before use and released right after, so the text encoder, UNet and VAE are never in memory together. A no-op otherwise."""
-    from ops.cpu import precision
+    from tinysd_ops.cpu import precision
     if self._sources is None or name not in self._sources:
       with precision(self.gemm_precision): yield
       return
@@ -147,7 +147,7 @@ class StableDiffusion:
 
   def _step_fn(self, cfg:bool):
     def step(x:Tensor, t:Tensor, ctx:Tensor, g:Tensor, extra:Tensor|None, text_embeds:Tensor|None, time_ids:Tensor|None) -> Tensor:
-      from ops.shortcuts import install
+      from tinysd_ops.shortcuts import install
       install(self.unet, self.compress_shortcuts)   # read while the graph is traced (JIT calls 1 and 2); the JIT key holds the mode
       inp = x if extra is None else x.cat(extra, dim=1)   # 9-channel inpainting UNets take [latents, mask, masked-image latents]
       kw = {} if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
@@ -162,7 +162,7 @@ class StableDiffusion:
     """The graph rewrites from ops/ that are switched on, applied to a lazy output right before it is realised."""
     out = _cpu_attention(out)
     if self.attention_chunk:
-      from ops.attention import install
+      from tinysd_ops.attention import install
       out = install(out, q_chunk=self.attention_chunk, k_chunk=self.attention_chunk)
     return out
 
@@ -229,7 +229,7 @@ class StableDiffusion:
 
   def _decode(self, z:Tensor) -> np.ndarray:
     if not self.vae_tile or (z.shape[2] <= self.vae_tile and z.shape[3] <= self.vae_tile): return self._decode_once(z)
-    from ops.tiling import decode_tiled
+    from tinysd_ops.tiling import decode_tiled
     return decode_tiled(self.vae, z, self.vae_tile, self.vae_tile // 4, rewrite=self._rewrite, decode=self._decode_once).float().numpy()
 
   def _decode_once(self, z:Tensor) -> np.ndarray:
@@ -274,7 +274,7 @@ class StableDiffusion:
     x = Tensor(images.transpose(0, 3, 1, 2).astype(np.float32) * 2 - 1, device=self.device)
     with self.resident("vae"):
       if self.vae_tile:
-        from ops.tiling import encode_tiled
+        from tinysd_ops.tiling import encode_tiled
         post = encode_tiled(self.vae, x.cast(self.vae_dtype), self.vae_tile * self.vae_scale, self.vae_tile // 4 * self.vae_scale)
       else: post = self.vae.encode(x.cast(self.vae_dtype))
       z = post.mean if sample_noise is None else post.sample(Tensor(sample_noise.astype(np.float32), device=self.device).cast(self.vae_dtype))
@@ -356,9 +356,9 @@ def default_compute_dtype(dtype, device:str|None=None):
 
 def _cpu_attention(out:Tensor) -> Tensor:
   # on the CPU fast path every attention runs as one fused C kernel (ops/cpu_attention.py): fast, and it never stores the score matrix
-  from ops import cpu
+  from tinysd_ops import cpu
   if not cpu.enabled(): return out
-  from ops.cpu_attention import install
+  from tinysd_ops.cpu_attention import install
   return install(out)
 
 def present(params:list[Tensor], compute_dtype):
@@ -393,7 +393,7 @@ def place(pipe:StableDiffusion) -> list[Tensor]:
 def realize_weights(params:list[Tensor], batch_bytes:int=1 << 26):
   """Realises lazy weights ~64 MB at a time, unmapping the checkpoint pages read after each batch: reading a whole model at once would
   count it twice in RSS at the peak (the mapped file pages + the device copy)."""
-  from ops.tg import drop_file_pages
+  from tinysd_ops.tg import drop_file_pages
   batch, n = [], 0
   for i, p in enumerate(params):
     batch.append(p); n += p.nbytes()

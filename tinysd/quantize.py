@@ -6,8 +6,8 @@
 # pipeline's load() uses it (pipeline.quantize_pipeline and pipeline.convert_quantized are the whole-pipeline calls).
 from __future__ import annotations
 import json
-from ops.quant import MODES, quantize_model, state_dict as quant_state_dict, swap_layers, _quant_layers
-from ops.tg import drop_file_pages
+from tinysd_ops.quant import MODES, quantize_model, state_dict as quant_state_dict, swap_layers, _quant_layers
+from tinysd_ops.tg import drop_file_pages
 
 QUANTIZED = ("unet", "text_encoder", "text_encoder_2")   # the VAE stays float: 84M weights, and its decoder is the fp16-fragile part
 

@@ -28,7 +28,7 @@ class LocalEngine:
     self._ready, self._error = threading.Event(), None
 
   def start(self):   # in the runner thread, before its first job
-    from ops.tg import shareable_diskcache
+    from tinysd_ops.tg import shareable_diskcache
     try:
       shareable_diskcache()
       self.ensure(self.model)
