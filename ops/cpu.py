@@ -121,27 +121,26 @@ _orig: dict = {}
 MIN_ACT = 1 << 10   # activations over fewer elements stay tinygrad's (fused into their neighbours there); low enough that the
                     # tiny parity-test models run through ours
 
+def _ours_elementwise(x:Tensor) -> bool:
+  return (_state["isa"] is not None and _on_cpu(x) and x.dtype == dtypes.float32 and all(isinstance(s, int) for s in x.shape)
+          and x.numel() >= MIN_ACT)
+
 def activation(kind:str, x:Tensor) -> Tensor|None:
   """kind(x) on our kernel (ops/cpu_act.py), or None when not ours."""
-  if _state["isa"] is None or not _on_cpu(x) or x.dtype != dtypes.float32 or not all(isinstance(s, int) for s in x.shape) or x.numel() < MIN_ACT:
-    return None
-  return cpu_act.run(kind, x, _state["threads"])
+  return cpu_act.run(kind, x, _state["threads"]) if _ours_elementwise(x) else None
 
 # GroupNorm outputs of ours, by UOp -> the call's arguments: a SiLU applied to one is computed as one fused GroupNorm+SiLU kernel from them
 # (the unfused GroupNorm output is then never used, so never scheduled)
 _gn_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def group_norm(x:Tensor, G:int, weight:Tensor|None, bias:Tensor|None, eps:float) -> Tensor|None:
-  if _state["isa"] is None or not _on_cpu(x) or x.dtype != dtypes.float32 or x.ndim < 2 or not all(isinstance(s, int) for s in x.shape) \
-     or x.shape[1] % G or x.numel() < MIN_ACT: return None
+  if not _ours_elementwise(x) or x.ndim < 2 or x.shape[1] % G: return None
   out = cpu_norm.group_norm(x, G, weight, bias, eps, False, _state["threads"])
   _gn_outputs[out.uop] = (x, G, weight, bias, eps)
   return out
 
 def layer_norm(x:Tensor, weight:Tensor|None, bias:Tensor|None, eps:float) -> Tensor|None:
-  if _state["isa"] is None or not _on_cpu(x) or x.dtype != dtypes.float32 or not all(isinstance(s, int) for s in x.shape) or x.numel() < MIN_ACT:
-    return None
-  return cpu_norm.layer_norm(x, weight, bias, eps, _state["threads"])
+  return cpu_norm.layer_norm(x, weight, bias, eps, _state["threads"]) if _ours_elementwise(x) else None
 
 def _silu(self:Tensor) -> Tensor:
   if (gn := _gn_outputs.get(self.uop)) is not None:

@@ -21,30 +21,29 @@ _EXP = """#define fexp(x_) ({ float x0 = (x_); x0 = x0 < -87.0f ? -87.0f : (x0 >
     * __builtin_bit_cast(float, (i0 + 127) << 23); })
 """
 
-_BODY = {
-  # below -87 the true value is > -1e-35: -0, where x / (1 + exp(87)) would give x / 6e37, wrong for x near -FLT_MAX
-  "silu": "(x < -87.0f ? -0.0f : x / (1.0f + fexp(-x)))",
-  "quick_gelu": "(x < -51.1f ? -0.0f : x / (1.0f + fexp(-1.702f * x)))",
-  # 0.5 x (1 + erf(x / sqrt 2)); erf(z) = sign(z) (1 - t poly(t) exp(-z^2)), t = 1 / (1 + 0.3275911 |z|)
-  "gelu": None,
+# each an expression in the float @v@; below -87 (-51 for quick GELU) the true value is > -1e-35: -0, where v / (1 + exp(87)) would give
+# v / 6e37, wrong for v near -FLT_MAX. GELU: 0.5 v (1 + erf(v / sqrt 2)), erf(z) = sign(z) (1 - t poly(t) exp(-z^2)), t = 1 / (1 + 0.3275911 |z|)
+_EXPR = {
+  "silu": "(@v@ < -87.0f ? -0.0f : @v@ / (1.0f + fexp(-@v@)))",
+  "quick_gelu": "(@v@ < -51.1f ? -0.0f : @v@ / (1.0f + fexp(-1.702f * @v@)))",
+  "gelu": ("({ const float z = @v@ * 0.70710678f, az = z < 0.0f ? -z : z, t = 1.0f / (1.0f + 0.3275911f * az);"
+           " const float e = 1.0f - t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f)))) * fexp(-z * z);"
+           " 0.5f * @v@ * (1.0f + (z < 0.0f ? -e : e)); })"),
 }
 
+def expr(kind:str, v:str) -> str: return _EXPR[kind].replace("@v@", v)
+
 def source(kind:str, n:int, threads:int) -> str:
-  if kind == "gelu":
-    expr = ("({ const float z = x * 0.70710678f, az = z < 0.0f ? -z : z, t = 1.0f / (1.0f + 0.3275911f * az);"
-            " const float e = 1.0f - t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f)))) * fexp(-z * z);"
-            " 0.5f * x * (1.0f + (z < 0.0f ? -e : e)); })")
-  else: expr = _BODY[kind]
   chunk = (-(-n // threads) + 15) // 16 * 16 if threads > 1 else n   # lanes of a vector never straddle two threads
   return "\n".join([_EXP,
     "float* restrict Y = (float*)@Y@; const float* restrict X = (const float*)@X@;",
     f"const long lo = (long)({'@T@' if threads > 1 else '0'}) * {chunk}, hi = lo + {chunk} < {n} ? lo + {chunk} : {n};",
-    f"for (long j = lo; j < hi; j++) {{ const float x = X[j]; Y[j] = {expr}; }}"])
+    f"for (long j = lo; j < hi; j++) {{ const float x = X[j]; Y[j] = {expr(kind, 'x')}; }}"])
 
 def run(kind:str, x:Tensor, threads:int) -> Tensor:
   """kind(x) for a float32 CPU tensor, as one kernel; same shape."""
   n = x.numel()
-  code = tg.c_escape(source(kind, n, threads)).replace("@Y@", "{0}").replace("@X@", "{1}").replace("@T@", "{2}")
+  code = tg.c_named(source(kind, n, threads), ["Y", "X", "T"])
   out = Tensor.empty(n, dtype=dtypes.float32, device=x.device)
   flops = {"silu": 20, "quick_gelu": 21, "gelu": 35}[kind] * n
   y = tg.custom(out, (x.reshape(n).contiguous(),), lambda o, i: tg.c_kernel(code, o, (i,), f"act_{kind}_{n}", ops=flops, mem=8 * n, threads=threads))

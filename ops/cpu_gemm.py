@@ -188,15 +188,10 @@ def _pack_b(g:Gemm, LDB:int) -> list[str]:
   L.append("   }")
   return L
 
-def _fmt(code:str, names:list[str]) -> str:
-  code = tg.c_escape(code)
-  for i, n in enumerate(names): code = code.replace(f"@{n}@", "{%d}" % i)
-  return code
-
 def run(g:Gemm, a:Tensor, b:Tensor, bias:Tensor|None=None) -> Tensor:
   """The kernel as a lazy Tensor op: (batch*M*N,) float32. a, b, bias must be contiguous buffers in the dtypes/strides g describes."""
   names = ["C", "A", "B"] + (["BIAS"] if g.bias else []) + (["T"] if g.threads > 1 else [])
-  code = _fmt(source(g), names)
+  code = tg.c_named(source(g), names)
   ins = (a, b) + ((bias,) if g.bias else ())
   mem = sum(t.nbytes() for t in ins) + 4 * g.batch * g.M * g.N
   name = f"cgemm{'_conv' if g.conv else ''}{'_fold' if g.fold else ''}{'_bf16' if g.prec == 'bf16' else ''}_{g.batch}x{g.M}x{g.N}x{g.K}"

@@ -28,7 +28,7 @@ def source(rows:int, n:int, G:int, inner:int|None, affine:bool, silu:bool, eps:f
        f" for (; j < {n}; j++) {{ const float d = x[j] - mean; qt += d * d; }}",
        " double var = qt; for (int l = 0; l < 16; l++) var += q[l];",
        f" const float rstd = 1.0f / __builtin_sqrtf((float)(var / {n}) + {float(eps)!r}f);"]
-  act = "(v < -87.0f ? -0.0f : v / (1.0f + fexp(-v)))" if silu else "v"
+  act = cpu_act.expr("silu", "v") if silu else "v"
   if inner is None:   # LayerNorm: a weight per position of the row
     w, b = ("Wt[j]", "Bs[j]") if affine else ("1.0f", "0.0f")
     L.append(f" for (j = 0; j < {n}; j++) {{ const float v = (x[j] - mean) * rstd * {w} + {b}; y[j] = {act}; }}")
@@ -46,8 +46,7 @@ def source(rows:int, n:int, G:int, inner:int|None, affine:bool, silu:bool, eps:f
 def _run(x:Tensor, weight:Tensor|None, bias:Tensor|None, rows:int, n:int, G:int, inner:int|None, eps:float, silu:bool, threads:int, name:str) -> Tensor:
   affine = weight is not None
   names = ["Y", "X"] + (["W", "B"] if affine else []) + (["T"] if threads > 1 else [])
-  code = tg.c_escape(source(rows, n, G, inner, affine, silu, eps, threads))
-  for i, nm in enumerate(names): code = code.replace(f"@{nm}@", "{%d}" % i)
+  code = tg.c_named(source(rows, n, G, inner, affine, silu, eps, threads), names)
   total = rows * n
   ins = (x.reshape(total).contiguous(),) + ((weight.float().contiguous(), bias.float().contiguous()) if affine else ())
   out = Tensor.empty(total, dtype=dtypes.float32, device=x.device)

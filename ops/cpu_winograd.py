@@ -104,8 +104,7 @@ def output_source(B:int, O:int, OH:int, OW:int, bias:bool, threads:int, ty0:int=
   return "\n".join(L)
 
 def _kernel(code:str, names:list[str], out:Tensor, ins:tuple[Tensor, ...], name:str, threads:int, ops:int) -> Tensor:
-  code = tg.c_escape(code)
-  for i, n in enumerate(names + (["T"] if threads > 1 else [])): code = code.replace(f"@{n}@", "{%d}" % i)
+  code = tg.c_named(code, names + (["T"] if threads > 1 else []))
   mem = sum(t.nbytes() for t in ins) + out.nbytes()
   ins = tuple(t.contiguous() for t in ins)
   return tg.custom(out, ins, lambda o, *i: tg.c_kernel(code, o, i, name, ops=ops, mem=mem, threads=threads))

@@ -179,6 +179,12 @@ def _param(u:UOp) -> UOp:
 
 def c_escape(code:str) -> str: return code.replace("{", "{{").replace("}", "}}")   # the CUSTOM arg goes through str.format
 
+def c_named(code:str, names:list[str]) -> str:
+  """code escaped for c_kernel, its @NAME@ markers turned into the positional {i} of names[i] (output, inputs, then the core id)."""
+  code = c_escape(code)
+  for i, n in enumerate(names): code = code.replace(f"@{n}@", "{%d}" % i)
+  return code
+
 def c_kernel(code:str, out:UOp, ins:tuple[UOp, ...], name:str, ops:int=0, mem:int=0, threads:int=1) -> UOp:
   """SINK of a kernel whose body is the C text `code` (already brace-escaped, with {0} = out pointer, {1}.. = inputs and, when threads > 1,
   {n+1} = the int core_id in [0, threads)). An `out[0] = out[0]` store (hidden in a CUSTOMI so symbolic keeps it) comes first: without a
